@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark), each side by side with the alternative users would pick."""

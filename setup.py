@@ -1,0 +1,48 @@
+"""Builds the private Cython core ``fastrollout._native.*`` from ``native/*.pyx``.
+
+``FASTROLLOUT_DEBUG=1`` at install time gives a debug build (-O0 -g, line tracing,
+bounds checks and the invariant checks guarded by the C macro ``FASTROLLOUT_DEBUG``);
+the default is an optimized release build. Environment variables are used
+because pip does not forward setup.py options.
+"""
+import os
+import pathlib
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FASTROLLOUT_DEBUG", "") not in ("", "0")
+HERE = pathlib.Path(__file__).parent
+
+if DEBUG:
+    cflags = ["-O0", "-g3", "-UNDEBUG"]
+    macros = [("CYTHON_TRACE", "1"), ("CYTHON_TRACE_NOGIL", "1")]
+    directives = {"linetrace": True, "boundscheck": True, "wraparound": True,
+                  "initializedcheck": True, "cdivision": False}
+else:
+    cflags = ["-O3"]
+    macros = []
+    directives = {"boundscheck": False, "wraparound": False,
+                  "initializedcheck": False, "cdivision": True}
+macros += [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("FASTROLLOUT_DEBUG", "1" if DEBUG else "0")]
+
+extensions = [
+    Extension(
+        f"fastrollout._native.{pyx.stem}",
+        [str(pyx.relative_to(HERE))],
+        include_dirs=[numpy.get_include(), "native"],
+        extra_compile_args=cflags,
+        define_macros=macros,
+    )
+    for pyx in sorted((HERE / "native").glob("*.pyx"))
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["native", "src"],
+        compiler_directives={"language_level": 3, "embedsignature": True, **directives},
+        annotate=DEBUG,
+    ),
+)

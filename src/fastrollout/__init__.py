@@ -1,0 +1,51 @@
+"""fastrollout: a fast, hang-free rollout coordinator for RL fine-tuning of LLMs.
+
+This module is the whole public surface. Names are imported lazily so that
+``import fastrollout`` stays cheap (the engines pull in vLLM only when used).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "FastRolloutError": ".errors", "ConfigError": ".errors", "PayloadError": ".errors",
+    "EngineError": ".errors", "EngineDeadError": ".errors",
+    "Config": ".config", "ExplorerConfig": ".config", "OverRolloutConfig": ".config",
+    "DynamicTimeoutConfig": ".config", "MonitorConfig": ".config", "PipelineConfig": ".config",
+    "Task": ".task", "GenerationConfig": ".task", "Status": ".task",
+    "Workflow": ".workflow",
+    "Experience": ".experience", "EID": ".experience", "ExperienceBatch": ".experience",
+    "RolloutCoordinator": ".coordinator", "BatchState": ".coordinator",
+    "BatchLifecycleState": ".coordinator",
+    "ModelClient": ".engines", "InferenceModel": ".engines", "Completion": ".engines",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastrollout' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .config import (Config, DynamicTimeoutConfig, ExplorerConfig, MonitorConfig,
+                         OverRolloutConfig, PipelineConfig)
+    from .coordinator import BatchLifecycleState, BatchState, RolloutCoordinator
+    from .engines import Completion, InferenceModel, ModelClient
+    from .errors import (ConfigError, EngineDeadError, EngineError, FastRolloutError,
+                         PayloadError)
+    from .experience import EID, Experience, ExperienceBatch
+    from .task import GenerationConfig, Status, Task
+    from .workflow import Workflow

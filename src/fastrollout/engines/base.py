@@ -1,0 +1,50 @@
+"""The engine interface the coordinator drives, and what one sample of it returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..task import GenerationConfig
+
+
+@dataclass
+class Completion:
+    """One sampled continuation: response token ids, their logprobs, why it stopped."""
+
+    token_ids: np.ndarray               # int32, response tokens only
+    logprobs: np.ndarray | None         # float32, one per response token
+    finish_reason: str                  # "length" | "stop" | "abort"
+    text: str
+    cumulative_logprob: float | None = None   # the engine's own sum, where it reports one
+
+
+@runtime_checkable
+class InferenceModel(Protocol):
+    """What a coordinator drives: token-in / token-out generation with abort.
+
+    ``generate`` raises ``EngineError`` for a failed request and ``EngineDeadError``
+    once the engine is gone for good. Cancelling a ``generate`` call aborts its
+    request inside the engine.
+    """
+
+    model_version: int
+
+    async def prepare(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    async def generate(self, prompt_token_ids: list[int], params: GenerationConfig, *,
+                       request_id: str) -> list[Completion]: ...
+
+    async def abort(self, request_ids: list[str]) -> None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int] | np.ndarray) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
+
+    @property
+    def is_dead(self) -> bool: ...

@@ -1,0 +1,286 @@
+"""Runs one sub-task on one slot: workflow instances, repeats, retries and timeouts.
+
+A sub-task is ``repeat_times`` runs of a task starting at ``run_id_base`` (a task
+split by ``max_repeat_times_per_runner`` has several). Each attempt gets fresh
+model clients, so that a timed-out or cancelled attempt can abort exactly its own
+engine requests, and a detached synchronous run can do no more harm than fail.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from .engines.client import ModelClient
+from .errors import EngineDeadError
+from .metrics import aggregate_run_level_metrics
+from .task import Status, Task
+from .threads import WorkerPool
+
+if TYPE_CHECKING:
+    from .engines.base import InferenceModel
+    from .experience import Experience
+    from .workflow import Workflow
+
+# One run's outcome: (ok, experiences, run metrics, error message). A repeatable
+# workflow's single run() yields one RunResult holding every repeat's metrics.
+RunResult = tuple[bool, list, list, str | None]
+
+
+class Slot:
+    """A place to run one sub-task at a time, bound to one engine (and auxiliary engines)."""
+
+    __slots__ = ("index", "engine_index", "engine", "aux_engines", "workflow")
+
+    def __init__(self, index: int, engine_index: int, engine: InferenceModel,
+                 aux_engines: list[InferenceModel]) -> None:
+        self.index = index
+        self.engine_index = engine_index
+        self.engine = engine
+        self.aux_engines = aux_engines
+        self.workflow: Workflow | None = None   # kept for reuse by resettable workflows
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one sub-task produced after all its attempts."""
+
+    status: Status
+    experiences: list
+    elapsed: float
+
+
+class Runner:
+    """Executes sub-tasks; shared by all slots of a coordinator."""
+
+    def __init__(self, *, concurrent_mode: str, max_retry_times: int, pool: WorkerPool) -> None:
+        self.concurrent_mode = concurrent_mode
+        self.max_retry_times = max_retry_times
+        self.pool = pool
+        self.detached_runs = 0      # synchronous runs left behind in their threads
+
+    async def run_with_retry(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
+                             timeout: float, collect_partial_runs: bool,
+                             clients_out: list) -> Outcome:
+        """Run up to ``max_retry_times + 1`` attempts, each bounded by ``timeout`` seconds.
+
+        ``clients_out`` receives the model clients of the attempt in flight, so that a
+        canceller can abort their engine requests without this coroutine's help.
+        Raises EngineDeadError when the slot's engine died (the caller reschedules).
+        """
+        loop = asyncio.get_running_loop()
+        if task.rollout_args.n != repeat_times:
+            task = replace(task, rollout_args=replace(task.rollout_args, n=repeat_times))
+        start = time.monotonic()
+        status = Status(0, repeat_times, [])
+        experiences: list = []
+        for attempt in range(1, self.max_retry_times + 2):
+            prefix = f"{task.batch_id}/{task.task_id}/{run_id_base}/{attempt}"
+            clients = [ModelClient(slot.engine, loop=loop, rollout_args=task.rollout_args,
+                                   request_prefix=prefix)]
+            clients += [ModelClient(e, loop=loop, rollout_args=task.rollout_args,
+                                    request_prefix=f"{prefix}/aux{j}")
+                        for j, e in enumerate(slot.aux_engines)]
+            clients_out[:] = clients
+            version = slot.engine.model_version
+            try:
+                async with asyncio.timeout(timeout):
+                    results = await self._attempt(task, repeat_times, run_id_base, slot, clients,
+                                                  collect_partial_runs)
+            except TimeoutError:
+                results = None
+                status = Status(0, repeat_times, [], (
+                    f"Timeout ({timeout} s) when running task of batch {task.batch_id} at runner "
+                    f"{slot.index} at attempt {attempt}: task {task.task_id}"))
+            except Exception:
+                if slot.engine.is_dead:
+                    raise EngineDeadError(f"engine {slot.engine_index} died while running task "
+                                          f"{task.task_id} of batch {task.batch_id}") from None
+                results = None
+                status = Status(0, repeat_times, [], traceback.format_exc().rstrip())
+            finally:
+                clients_out.clear()
+                for client in clients:
+                    if client.inflight_request_ids():
+                        await client.abort_all()
+                    client.close()
+            if results is not None:
+                if slot.engine.is_dead and not any(ok for ok, *_ in results):
+                    raise EngineDeadError(f"engine {slot.engine_index} died while running task "
+                                          f"{task.task_id} of batch {task.batch_id}")
+                status, experiences = self._collect(task, repeat_times, run_id_base, results,
+                                                    version, slot.engine.model_version)
+            if status.ok or (collect_partial_runs and status.completed_runs > 0):
+                break
+        elapsed = time.monotonic() - start
+        status.metrics.append({"time/task_execution": elapsed})
+        return Outcome(status, experiences, elapsed)
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    async def _attempt(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
+                       clients: list[ModelClient], collect_partial: bool) -> list[RunResult]:
+        workflow_cls = task.workflow
+        if workflow_cls is None:
+            raise ValueError(f"task {task.task_id} of batch {task.batch_id} has no workflow")
+        if workflow_cls.can_repeat:
+            return await self._repeatable(task, repeat_times, run_id_base, slot, clients)
+        if self.concurrent_mode == "sequential":
+            return await self._sequential(task, repeat_times, slot, clients, collect_partial)
+        return await self._parallel(task, repeat_times, clients, collect_partial)
+
+    async def _repeatable(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
+                          clients: list[ModelClient]) -> list[RunResult]:
+        workflow = _instance(task, clients, slot.workflow)
+        slot.workflow = None
+        workflow.set_repeat_times(repeat_times, run_id_base)
+        start = time.perf_counter()
+        if workflow.is_async:
+            exps = await workflow.run_async()
+        else:
+            exps = await self._in_thread(workflow.run)
+        elapsed = time.perf_counter() - start
+        if workflow.can_reset:
+            slot.workflow = workflow
+        # One run produced all repeats: each experience's metrics are one run's metrics.
+        metrics = [{**exp.metrics, "time/run_execution": elapsed} for exp in exps if exp.metrics]
+        return [(True, exps, metrics, None)]
+
+    async def _sequential(self, task: Task, repeat_times: int, slot: Slot,
+                          clients: list[ModelClient], collect_partial: bool) -> list[RunResult]:
+        # A resettable instance is taken off the slot while in use: if this attempt is
+        # detached, its thread keeps its own instance and the slot starts afresh.
+        reusable = slot.workflow
+        slot.workflow = None
+        if task.workflow.is_async:
+            results = []
+            for _ in range(repeat_times):
+                reusable = _instance(task, clients, reusable)
+                results.append(await _run_async(reusable))
+                if not results[-1][0] and not collect_partial:
+                    break
+        else:
+            def job() -> tuple[list[RunResult], Workflow | None]:
+                workflow, out = reusable, []
+                for _ in range(repeat_times):
+                    workflow = _instance(task, clients, workflow)
+                    out.append(_run_sync(workflow))
+                    if not out[-1][0] and not collect_partial:
+                        break
+                return out, workflow
+            results, reusable = await self._in_thread(job)
+        if reusable is not None and reusable.can_reset:
+            slot.workflow = reusable
+        return results
+
+    async def _parallel(self, task: Task, repeat_times: int, clients: list[ModelClient],
+                        collect_partial: bool) -> list[RunResult]:
+        """"asynchronous" and "multi-threading" modes: isolated instances run concurrently.
+
+        Sync workflows each get a worker thread; async ones run on this loop in both
+        modes (a thread adds nothing to a coroutine that awaits the engine).
+        """
+        workflows = [_instance(task, clients, None) for _ in range(repeat_times)]
+        if task.workflow.is_async:
+            runs = [asyncio.ensure_future(_run_async(w)) for w in workflows]
+        else:
+            runs = [self._in_thread(lambda w=w: _run_sync(w)) for w in workflows]
+        if collect_partial:
+            try:
+                return list(await asyncio.gather(*runs))
+            finally:
+                for run in runs:
+                    run.cancel()
+        results: list[RunResult] = []
+        pending = set(runs)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                results.extend(run.result() for run in done)
+                if any(not r[0] for r in results):
+                    break
+        finally:
+            for run in pending:
+                run.cancel()
+        return results
+
+    async def _in_thread(self, fn: Any) -> Any:
+        future = self.pool.run(fn)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not future.done():
+                self.detached_runs += 1
+            raise
+
+    def _collect(self, task: Task, repeat_times: int, run_id_base: int, results: list[RunResult],
+                 version_before: int, version_after: int) -> tuple[Status, list]:
+        exps: list[Experience] = []
+        metrics: list[dict] = []
+        first_error = None
+        repeatable = task.workflow.can_repeat
+        completed = 0
+        for i, (ok, run_exps, run_metrics, error) in enumerate(results):
+            if not ok:
+                first_error = first_error or error
+                continue
+            completed += repeat_times if repeatable else 1
+            if not repeatable:
+                for exp in run_exps:
+                    exp.eid.run = run_id_base + i
+            exps.extend(run_exps)
+            metrics.extend(run_metrics)
+        if first_error is None:
+            message = None
+        elif completed:
+            message = f"{completed}/{repeat_times} runs completed successfully. First error: {first_error}"
+        else:
+            message = first_error
+        drift = version_after - version_before
+        for exp in exps:
+            eid = exp.eid
+            eid.batch = task.batch_id
+            if eid.task == "":
+                eid.task = task.task_id
+            info = exp.info
+            info["model_version"] = version_before
+            info["model_version_drift"] = drift
+            info["use_count"] = 0
+            info["task_index"] = task.index
+        return Status(completed, repeat_times, metrics, message), exps
+
+
+def _instance(task: Task, clients: list[ModelClient], reusable: Workflow | None) -> Workflow:
+    """A workflow for ``task``: ``reusable`` reset to it when allowed, else a new instance."""
+    if reusable is not None and type(reusable) is task.workflow and reusable.can_reset:
+        reusable.model = clients[0]
+        reusable.auxiliary_models = clients[1:]
+        reusable.reset(task)
+        return reusable
+    return task.workflow(task=task, model=clients[0], auxiliary_models=clients[1:])
+
+
+def _run_metric(exps: list, elapsed: float) -> dict:
+    metric = aggregate_run_level_metrics([exp.metrics for exp in exps if exp.metrics])
+    metric["time/run_execution"] = elapsed
+    return metric
+
+
+def _run_sync(workflow: Workflow) -> RunResult:
+    start = time.perf_counter()
+    try:
+        exps = workflow.run()
+    except Exception:
+        return False, [], [], traceback.format_exc().rstrip()
+    return True, exps, [_run_metric(exps, time.perf_counter() - start)], None
+
+
+async def _run_async(workflow: Workflow) -> RunResult:
+    start = time.perf_counter()
+    try:
+        exps = await workflow.run_async()
+    except Exception:
+        return False, [], [], traceback.format_exc().rstrip()
+    return True, exps, [_run_metric(exps, time.perf_counter() - start)], None

@@ -1,0 +1,289 @@
+"""Puts sub-tasks on free slots, event-driven: no dispatch loop, no polling.
+
+Work is dispatched the moment it is queued or a slot frees up. Batches are served
+in priority order (int n, then "n/...", then other strings; FIFO inside a batch),
+onto the least-loaded live engine. Every task lives in a slot of the native status
+table; completions update it and hand finished tasks to the coordinator at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import re
+from collections import deque
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable
+
+from ._native.status import TASK_DONE, TASK_FAILED, StatusTable
+from .errors import EngineDeadError
+from .metrics import calculate_task_level_metrics
+from .runner import Outcome, Runner, Slot
+from .task import Status, Task
+
+if TYPE_CHECKING:
+    from .config import ExplorerConfig
+    from .engines.base import InferenceModel
+
+logger = logging.getLogger(__name__)
+
+_LEADING_INT = re.compile(r"^(\d+)")
+
+
+def batch_priority(batch_id: int | str) -> tuple:
+    """Sort key of batches: 1 < "1/eval" < 2 < "2/..." < other strings (by name)."""
+    if isinstance(batch_id, int):
+        return (batch_id, 0, "")
+    match = _LEADING_INT.match(batch_id)
+    if match:
+        return (int(match.group(1)), 1, batch_id)
+    return (float("inf"), 1, batch_id)
+
+
+class TaskRecord:
+    """One task of a batch while it runs: its sub-tasks' tally."""
+
+    __slots__ = ("task", "row", "batch", "subtasks", "completed_runs", "metrics",
+                 "experiences", "first_error", "finished")
+
+    def __init__(self, task: Task, row: int, batch: BatchRun) -> None:
+        self.task = task
+        self.row = row                  # slot in the status table
+        self.batch = batch
+        self.subtasks = 0
+        self.completed_runs = 0
+        self.metrics: list[dict] = []
+        self.experiences: list = []
+        self.first_error: str | None = None
+        self.finished = False
+
+    def status(self) -> Status:
+        """The task's final status, with its one task-level metrics dict."""
+        total = self.task.repeat_times
+        message = None
+        if self.completed_runs < total:
+            message = f"{self.completed_runs}/{total} runs completed successfully."
+            message += (f" First error: {self.first_error}" if self.first_error
+                        else " Remaining runs were cancelled during scheduler cleanup.")
+        return Status(self.completed_runs, total,
+                      [calculate_task_level_metrics(self.metrics, self.task.is_eval)], message)
+
+
+class SubTask:
+    __slots__ = ("record", "repeat_times", "run_id_base", "handle", "slot", "clients")
+
+    def __init__(self, record: TaskRecord, repeat_times: int, run_id_base: int) -> None:
+        self.record = record
+        self.repeat_times = repeat_times
+        self.run_id_base = run_id_base
+        self.handle: asyncio.Task | None = None
+        self.slot: Slot | None = None
+        self.clients: list = []         # model clients of the attempt in flight
+
+
+class BatchRun:
+    """The scheduler's side of one batch: its queue, its running sub-tasks, its records."""
+
+    __slots__ = ("batch_id", "is_eval", "bslot", "queue", "running", "records", "on_task_done")
+
+    def __init__(self, batch_id: int | str, is_eval: bool, bslot: int,
+                 on_task_done: Callable[[TaskRecord], None]) -> None:
+        self.batch_id = batch_id
+        self.is_eval = is_eval
+        self.bslot = bslot
+        self.queue: deque[SubTask] = deque()
+        self.running: set[SubTask] = set()
+        self.records: list[TaskRecord] = []
+        self.on_task_done = on_task_done
+
+
+class Scheduler:
+    def __init__(self, config: ExplorerConfig, engines: list[InferenceModel],
+                 auxiliary: list[list[InferenceModel]], runner: Runner,
+                 on_fatal: Callable[[BaseException], None]) -> None:
+        if not engines:
+            raise ValueError("RolloutCoordinator needs at least one rollout engine")
+        self.config = config
+        self.runner = runner
+        self.table = StatusTable()
+        self.engines = engines
+        self._on_fatal = on_fatal
+        # Slot i is bound to engine i % E and to auxiliary engine i % len(aux[j]), as in Trinity.
+        per_engine = config.runner_per_model
+        self._free: list[list[Slot]] = [[] for _ in engines]
+        for i in range(per_engine * len(engines)):
+            e = i % len(engines)
+            aux = [models[i % len(models)] for models in auxiliary]
+            self._free[e].append(Slot(i, e, engines[e], aux))
+        self._dead: set[int] = set()
+        self._order: list[tuple] = []              # priority keys of batches with queued work
+        self._queued: dict[tuple, BatchRun] = {}
+        # Dynamic-timeout statistics (train sub-tasks only).
+        self.train_time = 0.0
+        self.train_subtasks = 0
+        self.completed_steps = 0
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def new_batch(self, batch_id: int | str, is_eval: bool,
+                  on_task_done: Callable[[TaskRecord], None]) -> BatchRun:
+        return BatchRun(batch_id, is_eval, self.table.add_batch(), on_task_done)
+
+    def submit(self, batch: BatchRun, tasks: list[Task]) -> None:
+        """Queue ``tasks`` (task_id = index in this call) and dispatch at once."""
+        k = self.config.max_repeat_times_per_runner
+        table = self.table
+        for i, task in enumerate(tasks):
+            task = replace(task, batch_id=batch.batch_id, task_id=i)
+            repeat = task.repeat_times
+            bases = range(0, repeat, k) if k else (0,)
+            record = TaskRecord(task, table.add_task(batch.bslot, repeat, len(bases)), batch)
+            record.subtasks = len(bases)
+            batch.records.append(record)
+            for base in bases:
+                batch.queue.append(SubTask(record, min(k, repeat - base) if k else repeat, base))
+        self._enqueue(batch)
+        self.dispatch()
+
+    def _enqueue(self, batch: BatchRun) -> None:
+        key = batch_priority(batch.batch_id)
+        if batch.queue and key not in self._queued:
+            bisect.insort(self._order, key)
+            self._queued[key] = batch
+
+    def timeout(self) -> float:
+        """Per-attempt timeout: max_timeout, or the dynamic one once warmed up."""
+        cfg = self.config
+        dyn = cfg.dynamic_timeout
+        if (not dyn.enable or self.completed_steps < dyn.warmup_min_steps
+                or self.train_subtasks == 0):
+            return cfg.max_timeout
+        return min(cfg.max_timeout, self.train_time / self.train_subtasks * dyn.ratio)
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        order, queued, free = self._order, self._queued, self._free
+        while order:
+            slots = max(free, key=len)
+            if not slots:
+                return
+            batch = queued[order[0]]
+            sub = batch.queue.popleft()
+            if not batch.queue:
+                del queued[order.pop(0)]
+            self._start(sub, slots.pop())
+
+    def _start(self, sub: SubTask, slot: Slot) -> None:
+        record = sub.record
+        self.table.start(record.row)
+        sub.slot = slot
+        record.batch.running.add(sub)
+        is_eval = record.batch.is_eval or record.task.is_eval
+        timeout = self.config.max_timeout if is_eval else self.timeout()
+        sub.handle = asyncio.ensure_future(self.runner.run_with_retry(
+            record.task, sub.repeat_times, sub.run_id_base, slot, timeout,
+            self.config.over_rollout.return_partial_tasks, sub.clients))
+        sub.handle.add_done_callback(lambda handle, sub=sub: self._done(sub, handle))
+
+    def _release(self, sub: SubTask) -> None:
+        slot, sub.slot = sub.slot, None
+        sub.record.batch.running.discard(sub)
+        if slot is not None and slot.engine_index not in self._dead:
+            self._free[slot.engine_index].append(slot)
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def _done(self, sub: SubTask, handle: asyncio.Task) -> None:
+        if sub.slot is None:            # cancelled by cancel_batch/stop: already released
+            if not handle.cancelled():
+                handle.exception()      # retrieved: a late error of abandoned work
+            return
+        engine_index = sub.slot.engine_index
+        self._release(sub)
+        try:
+            if handle.cancelled():
+                # Cancelled from outside (loop shutdown): the task cannot finish any more.
+                self._cancel_record(sub.record)
+                return
+            error = handle.exception()
+            if isinstance(error, EngineDeadError):
+                self._engine_died(engine_index, sub, error)
+                return
+            if error is not None:
+                raise error
+            self._account(sub, handle.result())
+        except Exception as exc:
+            rec = sub.record
+            self._on_fatal(RuntimeError(
+                f"internal error while finishing task {rec.task.task_id} of batch "
+                f"{rec.batch.batch_id}: {exc!r}").with_traceback(exc.__traceback__))
+        finally:
+            self.dispatch()
+
+    def _account(self, sub: SubTask, outcome: Outcome) -> None:
+        record, status = sub.record, outcome.status
+        is_eval = record.batch.is_eval or record.task.is_eval
+        if not is_eval:     # eval tasks neither feed nor obey the dynamic timeout
+            self.train_time += outcome.elapsed
+            self.train_subtasks += 1
+        record.completed_runs += status.completed_runs
+        record.metrics.extend(status.metrics)
+        if outcome.experiences and not is_eval:
+            record.experiences.extend(outcome.experiences)
+        if not status.ok and record.first_error is None:
+            record.first_error = status.message
+        state = self.table.finish_subtask(record.row, status.completed_runs,
+                                          status.total_runs - status.completed_runs)
+        if state == TASK_DONE or state == TASK_FAILED:
+            record.finished = True
+            record.batch.on_task_done(record)
+
+    def _engine_died(self, engine_index: int, sub: SubTask, error: EngineDeadError) -> None:
+        if engine_index not in self._dead:
+            self._dead.add(engine_index)
+            self._free[engine_index].clear()
+            logger.error("engine %d is dead (%s); its slots take no more work", engine_index, error)
+        if len(self._dead) == len(self.engines):
+            self._on_fatal(EngineDeadError(
+                f"all {len(self.engines)} rollout engines are dead; last error: {error}"))
+            return
+        batch = sub.record.batch
+        batch.queue.appendleft(sub)     # runs again on a live engine
+        self._enqueue(batch)
+
+    # -- cancellation -------------------------------------------------------------------------
+
+    def cancel_batch(self, batch: BatchRun) -> tuple[list[TaskRecord], list[asyncio.Future]]:
+        """Drop the batch's queued work and cancel its running sub-tasks, freeing their
+        slots at once.
+
+        Returns the unfinished tasks that completed some runs (partial results), and the
+        cancelled work plus its engine-side aborts, to await for a bounded time.
+        """
+        key = batch_priority(batch.batch_id)
+        if self._queued.pop(key, None) is not None:
+            self._order.remove(key)
+        batch.queue.clear()
+        waits: list[asyncio.Future] = []
+        for sub in list(batch.running):
+            # Abort engine requests here, not only in the runner's cleanup: a workflow
+            # that swallows cancellation must not keep its requests alive.
+            waits.extend(asyncio.ensure_future(c.abort_all()) for c in sub.clients)
+            sub.handle.cancel()
+            waits.append(sub.handle)
+            self._release(sub)
+        partial = [r for r in batch.records if not r.finished and r.completed_runs > 0]
+        for record in batch.records:
+            self._cancel_record(record)
+        self.dispatch()
+        return partial, waits
+
+    def _cancel_record(self, record: TaskRecord) -> None:
+        if not record.finished:
+            record.finished = True
+            self.table.cancel(record.row)
+
+    def release_batch(self, batch: BatchRun) -> None:
+        """Forget a batch that is finalized or aborted (its table rows go back)."""
+        self.table.drop_batch(batch.bslot)

@@ -1,0 +1,46 @@
+"""Shared test machinery.
+
+Every ``async def`` test runs twice, under the stdlib asyncio loop and under
+uvloop (as uvloop's and asyncpg's suites do), and must leave no task running.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import pytest
+import uvloop
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def pytest_generate_tests(metafunc):
+    if inspect.iscoroutinefunction(metafunc.function):
+        metafunc.fixturenames.append("_loop_kind")
+        metafunc.parametrize("_loop_kind", list(LOOPS))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    func = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(func):
+        return None
+    kind = pyfuncitem.callspec.params["_loop_kind"]
+    names = pyfuncitem._fixtureinfo.argnames
+    kwargs = {n: pyfuncitem.funcargs[n] for n in names}
+
+    async def main():
+        try:
+            await func(**kwargs)
+        finally:
+            current = asyncio.current_task()
+            leftovers = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+            for t in leftovers:
+                t.cancel()
+            if leftovers:
+                await asyncio.gather(*leftovers, return_exceptions=True)
+                raise AssertionError(f"test left {len(leftovers)} task(s) running: {leftovers!r}")
+
+    with asyncio.Runner(loop_factory=LOOPS[kind]) as runner:
+        runner.run(main())
+    return True
