@@ -14,6 +14,11 @@ from workflows import (CALLS, AsyncWorkflow, RepeatWorkflow, ResettableWorkflow,
                        SyncWorkflow)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_call_counts():
+    CALLS.clear()
+
+
 def make_config(**explorer) -> Config:
     over = explorer.pop("over_rollout", {})
     dyn = explorer.pop("dynamic_timeout", {})
@@ -107,7 +112,7 @@ async def test_attempt_timeout_fails_task_after_retries():
         await coord.submit_batch(batch_id="5/x", tasks=tasks(2, AsyncWorkflow, sleep=5),
                                  batch_type="eval")
         state = coord.pending_batches["5/x"]
-        result = await coord.finalize_eval_batch("5/x")
+        result = await coord.finalize_eval_batch("5/x", timeout=5)
         # Failed tasks are finished (Trinity counts them), with ok False.
         assert result["finished_task_count"] == 2
         assert CALLS[("5/x", 0)] == 3       # max_retry_times=2: three attempts
@@ -334,7 +339,7 @@ async def test_timed_out_run_aborts_its_engine_request():
     async with Harness(make_config(max_timeout=0.05), [engine]) as coord:
         await coord.submit_batch(batch_id=0, tasks=tasks(2, AsyncWorkflow, generate=True), batch_type="train")
         state = coord.pending_batches[0]
-        await coord.finalize_train_batch(0)
+        await coord.finalize_train_batch(0, timeout=5)
         assert not any(s.ok for s in state.statuses.values())
         assert engine.num_unfinished_requests == 0
 

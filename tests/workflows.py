@@ -81,7 +81,7 @@ class RepeatWorkflow(Workflow):
             await asyncio.sleep(self.task.workflow_args["sleep"])
         exps = []
         for i in range(self.repeat_times):
-            exp = _experience(self.task, i, run_metrics=i)
+            exp = _experience(self.task, i, run_metrics=self.run_id_base + i)
             exp.eid.run = self.run_id_base + i
             exps.append(exp)
         return exps

@@ -77,7 +77,7 @@ class RolloutCoordinator:
 
     def __init__(self, config: Config, rollout_model: list[InferenceModel],
                  auxiliary_models: list[list[InferenceModel]] | None = None) -> None:
-        self.config = config
+        self.config = config.validate()   # a Config built in Python is not checked by msgspec
         self.rollout_model = list(rollout_model)
         self.auxiliary_models = [list(m) for m in auxiliary_models or []]
         self.pending_batches: dict[BatchId, BatchState] = {}

@@ -186,7 +186,8 @@ class Runner:
         if task.workflow.is_async:
             runs = [asyncio.ensure_future(_run_async(w)) for w in workflows]
         else:
-            runs = [self._in_thread(lambda w=w: _run_sync(w)) for w in workflows]
+            runs = [asyncio.ensure_future(self._in_thread(lambda w=w: _run_sync(w)))
+                    for w in workflows]
         if collect_partial:
             try:
                 return list(await asyncio.gather(*runs))
@@ -207,12 +208,11 @@ class Runner:
         return results
 
     async def _in_thread(self, fn: Any) -> Any:
-        future = self.pool.run(fn)
         try:
-            return await future
+            return await self.pool.run(fn)
         except asyncio.CancelledError:
-            if not future.done():
-                self.detached_runs += 1
+            # The thread cannot be stopped: it runs on, and its result will be dropped.
+            self.detached_runs += 1
             raise
 
     def _collect(self, task: Task, repeat_times: int, run_id_base: int, results: list[RunResult],

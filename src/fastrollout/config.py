@@ -1,0 +1,207 @@
+"""Configuration: msgspec Structs mirroring the part of Trinity-RFT's config a coordinator reads.
+
+Every loader (``from_dict``, ``from_file``, ``from_trinity``) and ``validate()`` report a bad
+value as a ``ConfigError`` naming its dotted path, e.g. ``explorer.max_timeout``.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import tomllib
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["Config", "ExplorerConfig", "OverRolloutConfig", "DynamicTimeoutConfig",
+           "MonitorConfig", "PipelineConfig"]
+
+_Struct = dict(kw_only=True, forbid_unknown_fields=True)
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class OverRolloutConfig(msgspec.Struct, **_Struct):
+    """Finalize a train batch once ``(1 - ratio)`` of its tasks are done (Trinity's over-rollout)."""
+
+    ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
+    """Fraction of a batch's tasks finalize may leave unfinished (the explorer turns it into
+    ``min_wait_num``)."""
+    wait_after_min: NonNegFloat = 30.0
+    """Seconds to keep collecting after ``min_wait_num`` tasks are done; the rest are cancelled."""
+    return_partial_tasks: bool = False
+    """Also return tasks of which only some runs completed."""
+
+
+class DynamicTimeoutConfig(msgspec.Struct, **_Struct):
+    """Per-attempt timeout from observed task times: ``min(max_timeout, mean train time * ratio)``."""
+
+    enable: bool = False
+    ratio: Annotated[float, msgspec.Meta(gt=0)] = 3.0
+    warmup_min_steps: Annotated[int, msgspec.Meta(ge=0)] = 1
+    """Fully completed train batches to observe before the dynamic timeout applies."""
+
+
+class ExplorerConfig(msgspec.Struct, **_Struct):
+    """How tasks are run: slots, retries, timeouts, repeat splitting, concurrency."""
+
+    runner_per_model: Annotated[int, msgspec.Meta(ge=1)] = 8
+    """Concurrent task slots per rollout engine."""
+    max_retry_times: Annotated[int, msgspec.Meta(ge=0)] = 2
+    """Extra attempts after a failed or timed-out attempt."""
+    max_timeout: Annotated[float, msgspec.Meta(gt=0)] = 1800.0
+    """Seconds for ONE attempt (Trinity 0.6.0 allowed ``max_timeout * (max_retry_times + 1)``)."""
+    max_repeat_times_per_runner: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Split a task's ``repeat_times`` into sub-tasks of at most this many runs."""
+    concurrent_mode: Literal["sequential", "asynchronous", "multi-threading"] = "sequential"
+    """How the runs of a non-repeatable workflow execute within one slot."""
+    over_rollout: OverRolloutConfig = msgspec.field(default_factory=OverRolloutConfig)
+    dynamic_timeout: DynamicTimeoutConfig = msgspec.field(default_factory=DynamicTimeoutConfig)
+
+
+class MonitorConfig(msgspec.Struct, **_Struct):
+    detailed_stats: bool = False
+    """Eval metrics get ``/mean``, ``/max``, ``/min``, ``/std`` instead of the mean alone."""
+
+
+class PipelineConfig(msgspec.Struct, **_Struct):
+    """Where processed train experiences go (read by ``fastrollout.pipeline``)."""
+
+    sink: Literal["memory", "discard"] = "memory"
+    """``memory`` keeps decoded experiences until the trainer side drains them; ``discard``
+    only counts them (bench mode, benchmarks)."""
+    max_buffered_experiences: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """At most this many experiences wait in the memory sink; more is refused with an error
+    rather than growing without bound. ``None``: unbounded."""
+
+
+class Config(msgspec.Struct, **_Struct):
+    """The coordinator's whole configuration; defaults match Trinity-RFT 0.6.0."""
+
+    mode: Literal["both", "explore", "bench", "serve"] = "both"
+    explorer: ExplorerConfig = msgspec.field(default_factory=ExplorerConfig)
+    monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+
+    @property
+    def finalize_timeout(self) -> float:
+        """Default finalize wait: every attempt of a task may use its full ``max_timeout``."""
+        return self.explorer.max_timeout * (self.explorer.max_retry_times + 1)
+
+    @classmethod
+    def default(cls) -> Config:
+        """The configuration ``fastrollout run`` uses when given no file."""
+        return cls()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Config:
+        """Build from plain mappings (as parsed from YAML/TOML/JSON); missing keys take defaults."""
+        if data is None:
+            data = {}
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise _config_error(exc, data) from None
+
+    @classmethod
+    def from_file(cls, path: str | pathlib.Path) -> Config:
+        """Load a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file (chosen by suffix)."""
+        path = pathlib.Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in _PARSERS:
+            raise ConfigError(f"{path}: unknown config file suffix {path.suffix!r}; "
+                              f"use one of {', '.join(sorted(_PARSERS))}")
+        try:
+            data = _PARSERS[suffix](path.read_bytes())
+        except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as exc:
+            raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_trinity(cls, config: Any) -> Config:
+        """Read the same attribute paths from a Trinity ``Config`` (or any object shaped like it).
+
+        Attributes the object lacks take our defaults (older Trinity releases have no
+        ``over_rollout`` or ``dynamic_timeout``); present ones are validated like a file.
+        """
+        return cls.from_dict(_read_attrs(config, cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts, the inverse of ``from_dict``."""
+        return msgspec.to_builtins(self)
+
+    def validate(self) -> Config:
+        """Check a Config built in Python (constructors do not validate); returns ``self``."""
+        try:
+            data = msgspec.to_builtins(self)
+        except TypeError as exc:
+            raise ConfigError(f"config holds a value that is not plain data: {exc}") from None
+        self.from_dict(data)
+        return self
+
+
+def _read_attrs(obj: Any, struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """The attributes of ``obj`` named like ``struct``'s fields, recursing into sub-structs."""
+    out: dict[str, Any] = {}
+    for field in msgspec.structs.fields(struct):
+        value = getattr(obj, field.name, _MISSING)
+        if value is _MISSING:
+            continue
+        sub = _struct_type(field.type)
+        nested = sub is not None and value is not None
+        out[field.name] = _read_attrs(value, sub) if nested else value
+    return out
+
+
+_MISSING = object()
+
+
+def _struct_type(tp: Any) -> type[msgspec.Struct] | None:
+    return tp if isinstance(tp, type) and issubclass(tp, msgspec.Struct) else None
+
+
+def _config_error(exc: msgspec.ValidationError, data: Any) -> ConfigError:
+    """Turn msgspec's "... - at `$.a.b`" into "a.b: ..." with the offending value or the known keys."""
+    message, _, where = str(exc).partition(" - at `$")
+    parts = [p for p in where.rstrip("`").split(".") if p]
+    if message.startswith("Object contains unknown field `"):
+        key = message.split("`")[1]
+        struct = _struct_at(parts)
+        known = ", ".join(f.name for f in msgspec.structs.fields(struct))
+        return ConfigError(f"{'.'.join([*parts, key])}: unknown key (known keys: {known})")
+    value = _value_at(data, parts)
+    shown = "" if value is _MISSING else f" (value: {_show(value)})"
+    return ConfigError(f"{'.'.join(parts) or '<top level>'}: {message[0].lower()}{message[1:]}{shown}")
+
+
+def _struct_at(parts: list[str]) -> type[msgspec.Struct]:
+    struct: type[msgspec.Struct] = Config
+    for name in parts:
+        field = next(f for f in msgspec.structs.fields(struct) if f.name == name)
+        struct = _struct_type(field.type)
+    return struct
+
+
+def _value_at(data: Any, parts: list[str]) -> Any:
+    for name in parts:
+        if not isinstance(data, dict) or name not in data:
+            return _MISSING
+        data = data[name]
+    return data
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_PARSERS = {
+    ".yaml": yaml.safe_load,
+    ".yml": yaml.safe_load,
+    ".toml": lambda raw: tomllib.loads(raw.decode("utf-8")),
+    ".json": json.loads,
+}
