@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import time
+import tracemalloc
 
+import numpy as np
 import pytest
+import uvloop
 
 from benchmarks.trinity_coordinator import run_trinity_batches
+from fastrollout import Config, Experience, RolloutCoordinator, Task, Workflow
+from fastrollout.engines import SimulatedEngine
 
 NUM_TASKS = 4096
 REPEAT = 8
@@ -46,12 +52,108 @@ def test_trinity_coordinator(benchmark, batch_type):
         NUM_TASKS, REPEAT, runner_slots=SLOTS, batch_type=batch_type)))
 
 
-# ---- fastrollout side (the lead fills this in once src/fastrollout/coordinator.py exists) ----
-# Add `test_fastrollout_coordinator(benchmark, batch_type, loop)` here, parametrized like the
-# Trinity test (plus asyncio/uvloop), with `benchmark.group = f"coordinator-{batch_type}"` so
-# both sides print in one table, and call `_measure(benchmark, run_one_batch)` where
-# `run_one_batch()` runs one batch of the same workload through fastrollout.RolloutCoordinator
-# (one SimulatedEngine, runner_per_model=SLOTS; workflow: can_repeat, returns REPEAT
-# Experience(tokens=8 tokens, prompt_length=4, reward=1.0)) and returns
-# {"tasks_per_s": ..., "wakeup_s": ...} measured the same way: tasks / (submit -> finalize
-# returned), and last task completion -> finalize returned.
+# ---- fastrollout side ------------------------------------------------------------------------
+
+class _Last:
+    done = 0.0      # perf_counter() when the latest run returned
+
+
+class _RepeatNow(Workflow):
+    """Returns ``repeat_times`` tiny experiences at once (the Trinity side's workflow)."""
+
+    can_repeat = True
+    can_reset = True
+    is_async = True
+
+    async def run_async(self):
+        exps = [Experience(tokens=_TOKENS, prompt_length=4, reward=1.0) for _ in range(self.repeat_times)]
+        for i, exp in enumerate(exps):
+            exp.eid.run = self.run_id_base + i
+        _Last.done = time.perf_counter()
+        return exps
+
+
+class _RepeatNowSync(_RepeatNow):
+    is_async = False
+
+    def run(self):
+        exps = [Experience(tokens=_TOKENS, prompt_length=4, reward=1.0) for _ in range(self.repeat_times)]
+        for i, exp in enumerate(exps):
+            exp.eid.run = self.run_id_base + i
+        _Last.done = time.perf_counter()
+        return exps
+
+
+_TOKENS = np.arange(8, dtype=np.int32)
+
+
+async def run_fastrollout_batch(num_tasks: int, repeat: int, *, slots: int = SLOTS,
+                                batch_type: str = "train", workflow=_RepeatNow) -> dict:
+    config = Config.from_dict({"explorer": {"runner_per_model": slots}})
+    coordinator = RolloutCoordinator(config, [SimulatedEngine()])
+    await coordinator.prepare()
+    try:
+        is_eval = batch_type == "eval"
+        tasks = [Task(workflow=workflow, repeat_times=repeat, is_eval=is_eval) for _ in range(num_tasks)]
+        batch_id = 1 if not is_eval else "1/bench"
+        start = time.perf_counter()
+        await coordinator.submit_batch(batch_id=batch_id, tasks=tasks, batch_type=batch_type)
+        if is_eval:
+            result = await coordinator.finalize_eval_batch(batch_id)
+        else:
+            result = await coordinator.finalize_train_batch(batch_id)
+        end = time.perf_counter()
+        assert result["finished_task_count"] == num_tasks
+        if not is_eval:
+            assert len(coordinator.take_experiences(batch_id)) == num_tasks * repeat
+        return {"tasks_per_s": num_tasks / (end - start), "wakeup_s": end - _Last.done}
+    finally:
+        await coordinator.shutdown()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("batch_type", ["train", "eval"])
+def test_fastrollout_coordinator(benchmark, batch_type, loop):
+    benchmark.group = f"coordinator-{batch_type}"
+    runner = uvloop.run if loop == "uvloop" else asyncio.run
+    _measure(benchmark, lambda: runner(run_fastrollout_batch(NUM_TASKS, REPEAT, batch_type=batch_type)))
+
+
+@pytest.mark.parametrize("batch_type", ["train", "eval"])
+def test_fastrollout_coordinator_sync_workflow(benchmark, batch_type):
+    """The same with a synchronous run(), which goes to a worker thread (one hop per task)."""
+    benchmark.group = f"coordinator-{batch_type}"
+    _measure(benchmark, lambda: uvloop.run(run_fastrollout_batch(
+        NUM_TASKS, REPEAT, batch_type=batch_type, workflow=_RepeatNowSync)))
+
+
+@pytest.mark.parametrize("num_tasks", [1024, 16384, 100_000])
+def test_fastrollout_per_task_cost_is_flat(benchmark, num_tasks):
+    """Per-task cost from 1k to 100k tasks in one eval batch (compare ``us_per_task``)."""
+    benchmark.group = "coordinator-scaling"
+    rounds = []
+    benchmark.pedantic(lambda: rounds.append(uvloop.run(run_fastrollout_batch(
+        num_tasks, REPEAT, batch_type="eval"))), rounds=1, iterations=1)
+    benchmark.extra_info.update(tasks=num_tasks, us_per_task=round(1e6 / rounds[0]["tasks_per_s"], 2))
+
+
+def test_fastrollout_memory_per_queued_task(benchmark):
+    """Bytes per queued (not yet started) task: one slot, 100k tasks waiting."""
+    benchmark.group = "coordinator-memory"
+
+    async def measure() -> float:
+        config = Config.from_dict({"explorer": {"runner_per_model": 1}})
+        coordinator = RolloutCoordinator(config, [SimulatedEngine()])
+        await coordinator.prepare()
+        tasks = [Task(workflow=_RepeatNow, repeat_times=REPEAT) for _ in range(100_000)]
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        await coordinator.submit_batch(batch_id=0, tasks=tasks, batch_type="train")
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        await coordinator.shutdown()
+        return (after - before) / len(tasks)
+
+    per_task = []
+    benchmark.pedantic(lambda: per_task.append(uvloop.run(measure())), rounds=1, iterations=1)
+    benchmark.extra_info.update(bytes_per_queued_task=round(per_task[0], 1))

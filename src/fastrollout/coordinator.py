@@ -14,8 +14,8 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
 from .config import Config
-from .experience import decode_any
-from .metrics import aggregate_eval_metrics, aggregate_metrics
+from .experience import decode_payloads
+from .metrics import aggregate_columns, aggregate_eval_columns
 from .pipeline import ExperiencePipeline
 from .runner import Runner
 from .scheduler import BatchRun, Scheduler, TaskRecord
@@ -59,6 +59,9 @@ class BatchState:
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _target: int | None = field(default=None, repr=False)
     _run: BatchRun | None = field(default=None, repr=False)
+    # Task-level metrics as columns (key -> values in completion order), filled as tasks
+    # finish so that finalize aggregates ready arrays instead of walking every status.
+    _columns: dict[str, list] = field(default_factory=dict, repr=False)
 
     @property
     def completed_task_count(self) -> int:
@@ -66,6 +69,7 @@ class BatchState:
 
 
 _DONE = (BatchLifecycleState.FINALIZED, BatchLifecycleState.ABORTED)
+_NUMERIC = (int, float)   # the value types Trinity's aggregation counts (bool is an int)
 
 
 class RolloutCoordinator:
@@ -161,6 +165,7 @@ class RolloutCoordinator:
             metrics = self._commit(state)
         else:
             state.statuses.clear()
+            state._columns.clear()
             self._pipeline.discard(batch_id)
             metrics = {}
         self._conclude(state, BatchLifecycleState.ABORTED, metrics)
@@ -169,7 +174,7 @@ class RolloutCoordinator:
     async def process_experiences(self, payloads: list[bytes]) -> dict:
         """Decode payloads (ours or Trinity's TRXP) and run them through the pipeline."""
         self._require()
-        return self._pipeline.process([decode_any(p, index=i) for i, p in enumerate(payloads)])
+        return self._pipeline.process([decode_payloads(payloads)])
 
     def take_experiences(self, batch_id: BatchId) -> ExperienceBatch | None:
         """The finalized experiences of a train batch, handed over once (None if none)."""
@@ -204,7 +209,15 @@ class RolloutCoordinator:
 
     def _book(self, state: BatchState, record: TaskRecord) -> None:
         """A task reached a final status (or is kept as a partial result)."""
-        state.statuses[record.task.task_id] = record.status()
+        status = record.status()
+        state.statuses[record.task.task_id] = status
+        columns = state._columns
+        for key, value in status.metrics[0].items():
+            if isinstance(value, _NUMERIC):
+                if key in columns:
+                    columns[key].append(value)
+                else:
+                    columns[key] = [value]
         if record.experiences:
             self._pipeline.stage(state.batch_id, record.experiences)
             record.experiences = []
@@ -294,18 +307,15 @@ class RolloutCoordinator:
 
     def _result(self, state: BatchState, pipeline_metrics: dict) -> dict:
         metrics = dict(pipeline_metrics)
-        task_metrics = [s.metrics[0] for s in state.statuses.values() if s.metrics]
         count = state.completed_task_count
         if state.batch_type == "train":
-            if task_metrics:
-                metrics.update(aggregate_metrics(task_metrics, prefix="rollout"))
+            metrics.update(aggregate_columns(state._columns, prefix="rollout"))
             metrics["rollout/finished_task_count"] = float(count)
         else:
             name = str(state.batch_id)
             prefix = f"eval/{name.split('/', 1)[1] if '/' in name else name}"
-            if task_metrics:
-                metrics.update(aggregate_eval_metrics(
-                    task_metrics, prefix=prefix, detailed_stats=self.config.monitor.detailed_stats))
+            metrics.update(aggregate_eval_columns(
+                state._columns, prefix=prefix, detailed_stats=self.config.monitor.detailed_stats))
             metrics[f"{prefix}/finished_task_count"] = float(count)
         return {"batch_id": state.batch_id, "batch_type": state.batch_type,
                 "finished_task_count": count, "metrics": metrics}

@@ -1,0 +1,263 @@
+"""Read and write Trinity-RFT 0.6.0's TRXP experience payloads without torch or globals.
+
+TRXP = ``b"TRXP" | u8 version=1 | u64 meta_len | u64 tensor_len | pickle(meta) |
+safetensors(tensors)``; tensors are keyed ``"{i}:{field}"``. Decoding gives numpy views
+over the safetensors data (a column whose items share one dtype is one view of it).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from ..errors import PayloadError
+from ..experience.batch import ArrayColumn, ExperienceBatch
+from ..experience.codec import where
+from ..experience.model import ARRAY_FIELDS, FIELD_DTYPES, Experience, as_array
+from .pickle_guard import UnsafePickle, check_tree, load_plain
+
+MAGIC = b"TRXP"
+VERSION = 1
+_PREFIX = struct.Struct("<4sBQQ")
+_U64 = struct.Struct("<Q")
+# safetensors dtype names <-> numpy; BF16 is widened to float32 (numpy has no bfloat16).
+_ST_DTYPES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "I16": "<i2", "U16": "<u2",
+              "I32": "<i4", "U32": "<u4", "I64": "<i8", "U64": "<u8", "F16": "<f2",
+              "BF16": "<u2", "F32": "<f4", "F64": "<f8"}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items() if k != "BF16"}
+_UNSUPPORTED = ("routed_experts", "multi_modal_inputs")
+
+
+class _EID(msgspec.Struct, gc=False):
+    batch: int | str = ""
+    task: int | str = ""
+    run: int = 0
+    step: int = 0
+    suffix: str = ""
+
+
+class _Item(msgspec.Struct, gc=False):
+    eid: _EID = msgspec.field(default_factory=_EID)
+    reward: float | None = None
+    truncate_status: str | None = None
+    info: dict | None = None
+    metrics: dict | None = None
+    prompt_length: int = 1
+    response_text: str | None = None
+    prompt_text: str | None = None
+    messages: list | None = None
+    tools: list | None = None
+    chosen_messages: list | None = None
+    rejected_messages: list | None = None
+    custom_fields: list = []
+    multi_modal_input_keys: list = []
+
+
+class _Meta(msgspec.Struct, gc=False):
+    version: int
+    num_items: int
+    items: list[_Item]
+
+
+class _Tensor(msgspec.Struct, gc=False):
+    dtype: str = ""
+    shape: list[int] = []
+    data_offsets: tuple[int, int] = (0, 0)
+
+
+_header_decoder = msgspec.json.Decoder(dict[str, _Tensor])
+
+
+# ---------------------------------------------------------------- decode
+
+def decode_trxp(payload: bytes | bytearray | memoryview, *,
+                index: int | None = None) -> ExperienceBatch:
+    """Decode a TRXP payload written by Trinity's ``Experience.serialize_many``."""
+    ctx = where(index)
+    view = memoryview(payload).cast("B")
+    end = len(view)
+    if end < _PREFIX.size:
+        raise PayloadError(f"{ctx}: prefix: {end} bytes is shorter than the "
+                           f"{_PREFIX.size}-byte TRXP prefix")
+    magic, version, meta_len, tensor_len = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise PayloadError(f"{ctx}: magic: expected {MAGIC!r}, got {bytes(magic)!r}")
+    if version != VERSION:
+        raise PayloadError(f"{ctx}: version: unsupported TRXP version {version}")
+    if meta_len > end or tensor_len > end or _PREFIX.size + meta_len + tensor_len != end:
+        raise PayloadError(f"{ctx}: prefix: meta ({meta_len}) and tensor ({tensor_len}) "
+                           f"lengths do not add up to the {end}-byte payload")
+    meta_view = view[_PREFIX.size:_PREFIX.size + meta_len]
+    items = _load_meta(meta_view, ctx)
+    st_start = _PREFIX.size + meta_len
+    columns = _load_tensors(view, st_start, end, len(items), ctx)
+    n = len(items)
+    rewards = np.array([np.nan if it.reward is None else it.reward for it in items],
+                       dtype=np.float64)
+    has_reward = np.array([it.reward is not None for it in items], dtype=np.bool_)
+    plens = np.array([it.prompt_length for it in items], dtype=np.int64)
+    return ExperienceBatch(items, columns, rewards, None if has_reward.all() else has_reward,
+                           plens if n else np.zeros(0, np.int64))
+
+
+def _load_meta(view: memoryview, ctx: str) -> list[_Item]:
+    try:
+        raw = load_plain(view)
+    except UnsafePickle as exc:
+        raise PayloadError(f"{ctx}: meta: {exc}") from None
+    try:
+        meta = msgspec.convert(raw, _Meta)
+    except (ValueError, RecursionError) as exc:
+        raise PayloadError(f"{ctx}: meta: {exc}") from None
+    if meta.version != VERSION or meta.num_items != len(meta.items):
+        raise PayloadError(f"{ctx}: meta: version {meta.version} with num_items "
+                           f"{meta.num_items} for {len(meta.items)} items")
+    roots: list = []
+    for i, it in enumerate(meta.items):
+        if it.custom_fields or it.multi_modal_input_keys:
+            field = "custom_fields" if it.custom_fields else "multi_modal_inputs"
+            raise PayloadError(f"{ctx}: items[{i}].{field}: not supported by fastrollout")
+        if it.info is None:
+            it.info = {}
+        if it.metrics is None:
+            it.metrics = {}
+        roots += (it.info, it.metrics, it.messages, it.tools, it.chosen_messages,
+                  it.rejected_messages)
+    try:
+        check_tree(roots, budget=8 * len(view) + 1024)
+    except UnsafePickle as exc:
+        raise PayloadError(f"{ctx}: meta: {exc}") from None
+    return meta.items
+
+
+def _load_tensors(view: memoryview, start: int, end: int, n: int,
+                  ctx: str) -> dict[str, ArrayColumn]:
+    if end - start < 8:
+        raise PayloadError(f"{ctx}: tensors: safetensors section is truncated")
+    (hlen,) = _U64.unpack_from(view, start)
+    if hlen > end - start - 8:
+        raise PayloadError(f"{ctx}: tensors: header length {hlen} runs past the payload")
+    try:
+        header = _header_decoder.decode(view[start + 8:start + 8 + hlen])
+    except (ValueError, RecursionError) as exc:  # msgspec errors, bad UTF-8
+        raise PayloadError(f"{ctx}: tensors: bad safetensors header: {exc}") from None
+    header.pop("__metadata__", None)
+    data = view[start + 8 + hlen:end]
+    groups: dict[str, tuple[list[str], list[_Tensor]]] = {}
+    for key, t in header.items():
+        i_text, _, name = key.partition(":")
+        group = groups.get(name)
+        if group is None:
+            group = groups[name] = ([], [])
+        group[0].append(i_text)
+        group[1].append(t)
+    for name, (i_texts, _) in groups.items():
+        if name not in FIELD_DTYPES:
+            what = "not supported by fastrollout" if name.startswith(_UNSUPPORTED) \
+                else "unknown"
+            raise PayloadError(f"{ctx}: {name}: tensor field {what} (item {i_texts[0]})")
+    if len(groups.get("tokens", ((),))[0]) != n:
+        raise PayloadError(f"{ctx}: tokens: {len(groups.get('tokens', ((),))[0])} token "
+                           f"tensors for {n} experiences")
+    return {name: _column(data, name, *groups[name], n, ctx)
+            for name in ARRAY_FIELDS if name in groups}
+
+
+def _column(data: memoryview, name: str, i_texts: list[str], tensors: list[_Tensor], n: int,
+            ctx: str) -> ArrayColumn:
+    if not all(i_texts) or not "".join(i_texts).isdecimal() or not "".join(i_texts).isascii():
+        raise PayloadError(f"{ctx}: {name}: a tensor key does not start with an item number")
+    idx = np.array(list(map(int, i_texts)), dtype=np.int64)
+    if idx.max() >= n or len(np.unique(idx)) != len(idx):
+        raise PayloadError(f"{ctx}: {name}: tensor keys name items outside 0..{n - 1} or one "
+                           "item twice")
+    st_dtypes = {t.dtype for t in tensors}
+    if not st_dtypes <= _ST_DTYPES.keys():
+        raise PayloadError(f"{ctx}: {name}: unsupported dtype in {sorted(st_dtypes)}")
+    if any(len(t.shape) != 1 for t in tensors):
+        raise PayloadError(f"{ctx}: {name}: expected 1-D tensors")
+    lengths = np.array([t.shape[0] for t in tensors], dtype=np.int64)
+    bounds = np.array([t.data_offsets for t in tensors], dtype=np.int64).reshape(-1, 2)
+    sizes = np.array([np.dtype(_ST_DTYPES[t.dtype]).itemsize for t in tensors]) \
+        if len(st_dtypes) > 1 else np.dtype(_ST_DTYPES[next(iter(st_dtypes))]).itemsize
+    begins, ends = bounds[:, 0], bounds[:, 1]
+    if (begins < 0).any() or (ends < begins).any() or (ends > len(data)).any() \
+            or (lengths < 0).any() or ((ends - begins) != lengths * sizes).any():
+        raise PayloadError(f"{ctx}: {name}: tensor data offsets do not match their shapes "
+                           f"or run past the {len(data)}-byte data section")
+    present = None
+    if len(idx) != n:
+        present = np.zeros(n, dtype=np.bool_)
+        present[idx] = True
+    dtype = np.dtype(_ST_DTYPES[next(iter(st_dtypes))])
+    if len(st_dtypes) == 1 and "BF16" not in st_dtypes and dtype in FIELD_DTYPES[name][1] \
+            and not (begins % dtype.itemsize).any():
+        # Zero copy: the whole data section seen as this dtype, items located by offsets.
+        base = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize)
+        starts = np.zeros(n, dtype=np.int64)
+        stops = np.zeros(n, dtype=np.int64)
+        starts[idx] = begins // dtype.itemsize
+        stops[idx] = ends // dtype.itemsize
+        column = ArrayColumn(base, starts, stops, present)
+    else:  # mixed, narrow or bfloat16 dtypes: one converting copy
+        arrays: list[np.ndarray | None] = [None] * n
+        for i, t, b, e in zip(idx.tolist(), tensors, begins.tolist(), ends.tolist()):
+            raw = np.frombuffer(data[b:e], dtype=_ST_DTYPES[t.dtype])
+            if t.dtype == "BF16":
+                raw = (raw.astype(np.uint32) << 16).view(np.float32)
+            try:
+                arrays[i] = as_array(raw, name)
+            except ValueError as exc:
+                raise PayloadError(f"{ctx}: items[{i}].{name}: {exc}") from None
+        values = [a for a in arrays if a is not None]
+        flat = np.concatenate(values, dtype=np.result_type(*{a.dtype for a in values}))
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([0 if a is None else len(a) for a in arrays], out=offsets[1:])
+        column = ArrayColumn.from_offsets(flat, offsets, present)
+    if column.dtype.kind == "b" and len(column.data) \
+            and column.flat().view(np.uint8).max(initial=0) > 1:
+        raise PayloadError(f"{ctx}: {name}: boolean values other than 0 and 1")
+    return column
+
+
+# ---------------------------------------------------------------- encode
+
+def encode_trxp(exps: Iterable[Experience]) -> bytes:
+    """Write experiences as a TRXP payload that Trinity 0.6.0's
+    ``Experience.deserialize_many`` reads."""
+    items, header, chunks = [], {}, []
+    tensors = []
+    for i, e in enumerate(exps):
+        items.append({
+            "eid": e.eid.to_dict(), "reward": e.reward, "truncate_status": e.truncate_status,
+            "info": e.info, "metrics": e.metrics, "prompt_length": e.prompt_length,
+            "response_text": e.response_text, "prompt_text": e.prompt_text,
+            "messages": e.messages, "tools": e.tools, "chosen_messages": e.chosen_messages,
+            "rejected_messages": e.rejected_messages, "custom_fields": [],
+            "multi_modal_input_keys": []})
+        for name in ARRAY_FIELDS:
+            value = getattr(e, name)
+            if value is not None:
+                arr = as_array(value, name)
+                tensors.append((f"{i}:{name}", arr.astype(arr.dtype.newbyteorder("<"),
+                                                           copy=False)))
+    # As safetensors does: widest dtype first, so every tensor is aligned to its itemsize.
+    tensors.sort(key=lambda kv: -kv[1].dtype.itemsize)
+    offset = 0
+    for key, arr in tensors:
+        header[key] = {"dtype": _ST_NAMES[arr.dtype.newbyteorder("=")],
+                       "shape": [len(arr)], "data_offsets": [offset, offset + arr.nbytes]}
+        chunks.append(arr)
+        offset += arr.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    meta = pickle.dumps({"version": VERSION, "num_items": len(items), "items": items},
+                        protocol=pickle.HIGHEST_PROTOCOL)
+    tensor_len = 8 + len(head) + offset
+    return b"".join([_PREFIX.pack(MAGIC, VERSION, len(meta), tensor_len), meta,
+                     _U64.pack(len(head)), head, *chunks])

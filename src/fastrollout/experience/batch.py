@@ -1,0 +1,225 @@
+"""ExperienceBatch: decoded experiences as columns (numpy views into the payload)."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .model import ARRAY_FIELDS, EID, META_FIELDS, Experience, to_torch
+
+
+class ArrayColumn:
+    """One array field of every item: item ``i`` is ``data[starts[i]:stops[i]]``, or None
+    where ``present[i]`` is False. Decoders build it over the payload without copying."""
+
+    __slots__ = ("data", "starts", "stops", "present")
+
+    def __init__(self, data: np.ndarray, starts: np.ndarray, stops: np.ndarray,
+                 present: np.ndarray | None = None) -> None:
+        self.data = data
+        self.starts = starts
+        self.stops = stops
+        self.present = present  # None: every item has the field
+
+    @classmethod
+    def from_offsets(cls, data: np.ndarray, offsets: np.ndarray,
+                     present: np.ndarray | None = None) -> ArrayColumn:
+        return cls(data, offsets[:-1], offsets[1:], present)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> np.ndarray | None:
+        if self.present is not None and not self.present[i]:
+            return None
+        return self.data[self.starts[i]:self.stops[i]]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    def lengths(self) -> np.ndarray:
+        return (self.stops - self.starts).astype(np.int64, copy=False)
+
+    def is_contiguous(self) -> bool:
+        return len(self.starts) == 0 or bool((self.starts[1:] == self.stops[:-1]).all())
+
+    def flat(self) -> np.ndarray:
+        """Every item's values end to end: a view when stored that way, else one copy."""
+        if len(self.starts) == 0:
+            return self.data[:0]
+        if self.is_contiguous():
+            return self.data[self.starts[0]:self.stops[-1]]
+        return np.concatenate([self.data[a:b] for a, b in zip(self.starts.tolist(),
+                                                              self.stops.tolist())])
+
+    def offsets(self) -> np.ndarray:
+        """int64 offsets (len n+1) of each item in ``flat()``."""
+        out = np.zeros(len(self.starts) + 1, dtype=np.int64)
+        np.cumsum(self.lengths(), out=out[1:])
+        return out
+
+    def segments(self) -> list[np.ndarray]:
+        """Views to copy from when concatenating: one per run of contiguous items."""
+        if self.is_contiguous():
+            return [self.flat()]
+        return [self.data[a:b] for a, b in zip(self.starts.tolist(), self.stops.tolist())]
+
+
+class ExperienceBatch(Sequence):
+    """A decoded payload: ``len``, indexing to ``Experience`` (views), and columns.
+
+    ``items`` are metadata records with the attributes ``eid`` (batch/task/run/step/suffix)
+    and the names in ``META_FIELDS``; ``columns`` maps array field names to ArrayColumn."""
+
+    __slots__ = ("items", "columns", "rewards", "reward_present", "prompt_lengths")
+
+    def __init__(self, items: list, columns: dict[str, ArrayColumn], rewards: np.ndarray,
+                 reward_present: np.ndarray | None, prompt_lengths: np.ndarray) -> None:
+        self.items = items
+        self.columns = columns
+        self.rewards = rewards                  # float64; NaN where the reward is None
+        self.reward_present = reward_present    # None: every item has a reward
+        self.prompt_lengths = prompt_lengths    # int64
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Experience:  # type: ignore[override]
+        n = len(self.items)
+        if not -n <= i < n:
+            raise IndexError(f"experience index {i} out of range for a batch of {n}")
+        i %= n
+        item = self.items[i]
+        e = item.eid
+        parts: dict[str, Any] = {name: getattr(item, name) for name in META_FIELDS}
+        parts["eid"] = EID(e.batch, e.task, e.run, e.step, e.suffix)
+        parts["prompt_length"] = int(self.prompt_lengths[i])
+        has_reward = self.reward_present is None or self.reward_present[i]
+        parts["reward"] = float(self.rewards[i]) if has_reward else None
+        for name, col in self.columns.items():
+            parts[name] = col[i]
+        return Experience._from_parts(parts)
+
+    def __iter__(self) -> Iterator[Experience]:
+        return (self[i] for i in range(len(self.items)))
+
+    def to_experiences(self) -> list[Experience]:
+        return list(self)
+
+    def column(self, name: str) -> ArrayColumn | None:
+        """The ArrayColumn of an array field, or None when no item has it."""
+        if name not in ARRAY_FIELDS:
+            raise KeyError(f"{name!r} is not an array field; expected one of {ARRAY_FIELDS}")
+        return self.columns.get(name)
+
+    @property
+    def eids(self) -> list[EID]:
+        return [EID(e.batch, e.task, e.run, e.step, e.suffix) for e in
+                (item.eid for item in self.items)]
+
+    def meta(self, name: str) -> list[Any]:
+        """One metadata field (e.g. ``"info"``, ``"response_text"``) of every item."""
+        if name not in META_FIELDS:
+            raise KeyError(f"{name!r} is not a metadata field; expected one of {META_FIELDS}")
+        return [getattr(item, name) for item in self.items]
+
+    def response_lengths(self) -> np.ndarray:
+        return self.columns["tokens"].lengths() - self.prompt_lengths
+
+    @classmethod
+    def concat(cls, batches: Sequence[ExperienceBatch]) -> ExperienceBatch:
+        """Join batches; each array column is copied once into one contiguous buffer."""
+        if len(batches) == 1:
+            return batches[0]
+        if not batches:
+            return cls([], {}, np.zeros(0), None, np.zeros(0, np.int64))
+        items = [item for b in batches for item in b.items]
+        names = [n for n in ARRAY_FIELDS if any(n in b.columns for b in batches)]
+        columns = {}
+        for name in names:
+            parts, lengths, present = [], [], []
+            for b in batches:
+                col = b.columns.get(name)
+                if col is None:
+                    lengths.append(np.zeros(len(b), dtype=np.int64))
+                    present.append(np.zeros(len(b), dtype=np.bool_))
+                    continue
+                parts.extend(col.segments())
+                lengths.append(col.lengths())
+                present.append(np.ones(len(b), dtype=np.bool_) if col.present is None
+                               else col.present)
+            dtype = np.result_type(*(p.dtype for p in parts))
+            data = np.concatenate(parts, dtype=dtype) if parts else np.zeros(0, dtype)
+            offsets = np.zeros(len(items) + 1, dtype=np.int64)
+            np.cumsum(np.concatenate(lengths), out=offsets[1:])
+            mask = np.concatenate(present)
+            columns[name] = ArrayColumn.from_offsets(data, offsets,
+                                                     None if mask.all() else mask)
+        rewards = np.concatenate([b.rewards for b in batches])
+        masks = [np.ones(len(b), np.bool_) if b.reward_present is None else b.reward_present
+                 for b in batches]
+        reward_present = np.concatenate(masks)
+        prompt_lengths = np.concatenate([b.prompt_lengths for b in batches])
+        return cls(items, columns, rewards, None if reward_present.all() else reward_present,
+                   prompt_lengths)
+
+    def to_padded(self, pad_token_id: int, *, max_prompt_length: int | None = None,
+                  max_response_length: int | None = None,
+                  return_tensors: str = "np") -> dict[str, Any]:
+        """Trainer layout (as Trinity's gather_* helpers): prompts left-padded to
+        ``max_prompt_length``, responses right-padded to ``max_response_length``.
+
+        Returns ``input_ids``, ``attention_mask``, ``position_ids`` [B, P+R];
+        ``action_mask`` and every float response column present in all items [B, R];
+        ``rewards``, ``prompt_lengths``, ``response_lengths`` [B]. Items without an
+        action mask get ones over their response (Trinity's single-turn default).
+        ``return_tensors="pt"`` gives zero-copy torch tensors of the same arrays."""
+        n = len(self)
+        tokens = self.columns.get("tokens")
+        plen = self.prompt_lengths
+        rlen = self.response_lengths() if n else np.zeros(0, np.int64)
+        if n and ((rlen < 0).any() or (plen < 0).any()):
+            raise ValueError("an experience has prompt_length outside 0..len(tokens)")
+        p_max = int(plen.max(initial=0)) if max_prompt_length is None else max_prompt_length
+        r_max = int(rlen.max(initial=0)) if max_response_length is None else max_response_length
+        if n and (plen.max() > p_max or rlen.max() > r_max):
+            raise ValueError(f"experiences longer than max_prompt_length={p_max} / "
+                             f"max_response_length={r_max}")
+        dtype = tokens.dtype if tokens is not None else np.dtype(np.int32)
+        input_ids = np.full((n, p_max + r_max), pad_token_id, dtype=dtype)
+        attention = np.zeros((n, p_max + r_max), dtype=np.bool_)
+        action = np.zeros((n, r_max), dtype=np.bool_)
+        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention}
+        resp_cols = {name: np.zeros((n, r_max), dtype=col.dtype)
+                     for name, col in self.columns.items()
+                     if col.dtype.kind == "f" and col.present is None}
+        masks = self.columns.get("action_mask")
+        for i in range(n):
+            p, r = int(plen[i]), int(rlen[i])
+            start = p_max - p
+            input_ids[i, start:p_max + r] = tokens[i]
+            attention[i, start:p_max + r] = True
+            mask = masks[i] if masks is not None else None
+            if mask is None:
+                action[i, :r] = True
+            else:
+                action[i, :len(mask)] = mask
+            for name, arr in resp_cols.items():
+                values = self.columns[name][i]
+                arr[i, :len(values)] = values
+        out["position_ids"] = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)
+        out["action_mask"] = action
+        out.update(resp_cols)
+        out["rewards"] = self.rewards.copy()
+        out["prompt_lengths"] = plen.copy()
+        out["response_lengths"] = rlen
+        if return_tensors == "pt":
+            return {k: to_torch(v) for k, v in out.items()}
+        if return_tensors != "np":
+            raise ValueError(f"return_tensors must be 'np' or 'pt', got {return_tensors!r}")
+        return out
+
+    def __repr__(self) -> str:
+        return f"ExperienceBatch({len(self)} experiences, columns={list(self.columns)})"

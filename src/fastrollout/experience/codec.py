@@ -1,0 +1,275 @@
+"""The FRXP wire format: a msgpack header plus raw little-endian column buffers.
+
+Layout (all integers little-endian)::
+
+    b"FRXP" | u8 version | 3 zero bytes | u64 header_len | header (msgpack) | pad to 8 | body
+
+The header lists every column with its dtype and the byte offsets (relative to the
+body, each 8-aligned) of its data, of its int64 item offsets (n+1, array columns) and of
+its u8 presence flags (only when some item lacks the field). Decoding validates every
+length and offset against the payload with numpy, then returns views into it.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from ..errors import PayloadError
+from .batch import ArrayColumn, ExperienceBatch
+from .model import ARRAY_FIELDS, FIELD_DTYPES, Experience, as_array
+
+MAGIC = b"FRXP"
+VERSION = 1
+_PREFIX = struct.Struct("<4sB3sQ")
+_ALIGN = 8
+
+
+class WireEID(msgspec.Struct, array_like=True, gc=False):
+    batch: int | str
+    task: int | str
+    run: int
+    step: int
+    suffix: str
+
+
+class WireItem(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
+    """Per-experience metadata; the fields most often unset come last (omitted)."""
+
+    eid: WireEID
+    info: dict = {}
+    metrics: dict = {}
+    response_text: str | None = None
+    prompt_text: str | None = None
+    truncate_status: str | None = None
+    messages: list | None = None
+    tools: list | None = None
+    chosen_messages: list | None = None
+    rejected_messages: list | None = None
+
+
+class WireColumn(msgspec.Struct, array_like=True, gc=False):
+    name: str
+    dtype: str
+    data: int      # byte offset of the values in the body
+    nbytes: int
+    offsets: int   # byte offset of int64[n+1] item offsets, -1 for a scalar column
+    present: int   # byte offset of u8[n] presence flags, -1 when every item has it
+
+
+class WireHeader(msgspec.Struct, array_like=True, gc=False):
+    count: int
+    columns: list[WireColumn]
+    items: list[WireItem]
+
+
+_SCALARS = {"reward": np.dtype("<f8"), "prompt_length": np.dtype("<i8")}
+_ALLOWED = {name: {d.newbyteorder("<").str for d in spec[1]}
+            for name, spec in FIELD_DTYPES.items()}
+_decoder = msgspec.msgpack.Decoder(WireHeader)
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot encode a {type(obj).__name__} in experience metadata")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+def where(index: int | None) -> str:
+    return "payload" if index is None else f"payload {index}"
+
+
+# ---------------------------------------------------------------- encode
+
+def encode_experiences(exps: Iterable[Experience]) -> bytes:
+    """Serialize experiences (or an ExperienceBatch) into one FRXP payload."""
+    exps = list(exps)
+    n = len(exps)
+    body: list[Any] = []
+    size = 0
+    columns: list[WireColumn] = []
+
+    def put(buf: np.ndarray) -> int:
+        nonlocal size
+        at = size
+        body.append(buf)
+        size += buf.nbytes
+        if size % _ALIGN:
+            pad = _ALIGN - size % _ALIGN
+            body.append(b"\0" * pad)
+            size += pad
+        return at
+
+    for name in ARRAY_FIELDS:
+        arrays = [None if (a := getattr(e, name)) is None else as_array(a, name) for e in exps]
+        values = [a for a in arrays if a is not None]
+        if not values:
+            continue
+        dtype = np.result_type(*{a.dtype for a in values}).newbyteorder("<")
+        data = np.concatenate(values, dtype=dtype)
+        offsets = np.zeros(n + 1, dtype="<i8")
+        np.cumsum([0 if a is None else len(a) for a in arrays], out=offsets[1:])
+        present = -1
+        if len(values) != n:
+            present = put(np.array([a is not None for a in arrays], dtype=np.uint8))
+        columns.append(WireColumn(name, dtype.str, put(data), data.nbytes, put(offsets),
+                                  present))
+    rewards = np.array([np.nan if e.reward is None else e.reward for e in exps], dtype="<f8")
+    has_reward = [e.reward is not None for e in exps]
+    present = -1 if all(has_reward) else put(np.array(has_reward, dtype=np.uint8))
+    columns.append(WireColumn("reward", "<f8", put(rewards), rewards.nbytes, -1, present))
+    plens = np.array([e.prompt_length for e in exps], dtype="<i8")
+    columns.append(WireColumn("prompt_length", "<i8", put(plens), plens.nbytes, -1, -1))
+
+    items = [WireItem(WireEID(e.eid.batch, e.eid.task, e.eid.run, e.eid.step, e.eid.suffix),
+                      e.info, e.metrics, e.response_text, e.prompt_text, e.truncate_status,
+                      e.messages, e.tools, e.chosen_messages, e.rejected_messages)
+             for e in exps]
+    header = _encoder.encode(WireHeader(n, columns, items))
+    head = _PREFIX.pack(MAGIC, VERSION, b"\0\0\0", len(header))
+    pad = -(len(head) + len(header)) % _ALIGN
+    return b"".join([head, header, b"\0" * pad, *body])
+
+
+# ---------------------------------------------------------------- decode
+
+_PATH = re.compile(r"`\$((?:\[\d+\])*)(.*)`")
+_HEADER_FIELDS = WireHeader.__struct_fields__
+
+
+def _name_path(message: str) -> str:
+    """Turn msgspec's ``$[2][7][0][4]`` into ``items[7].eid.suffix``."""
+    m = _PATH.search(message)
+    if m is None:
+        return "header"
+    idx = [int(x) for x in re.findall(r"\d+", m.group(1))]
+    parts: list[str] = []
+    if idx:
+        parts.append(_HEADER_FIELDS[idx[0]] if idx[0] < len(_HEADER_FIELDS) else str(idx[0]))
+        idx = idx[1:]
+    if idx:
+        parts[-1] += f"[{idx.pop(0)}]"
+    fields = {"columns": WireColumn, "items": WireItem}.get(parts[0].split("[")[0] if parts
+                                                               else "")
+    while idx and fields is not None:
+        k = idx.pop(0)
+        names = fields.__struct_fields__
+        parts.append(names[k] if k < len(names) else str(k))
+        fields = WireEID if parts[-1] == "eid" else None
+    parts.extend(f"[{k}]" for k in idx)
+    return "header." + ".".join(parts).replace(".[", "[") + m.group(2)
+
+
+def _array(payload: Any, dtype: np.dtype, start: int, count: int, body: int, end: int,
+           ctx: str, field: str) -> np.ndarray:
+    nbytes = count * dtype.itemsize
+    if start < 0 or count < 0 or body + start + nbytes > end:
+        raise PayloadError(f"{ctx}: {field}: {nbytes} bytes at body offset {start} run past "
+                           f"the end of the payload ({end - body} body bytes)")
+    return np.frombuffer(payload, dtype=dtype, count=count, offset=body + start)
+
+
+def _column(payload: Any, spec: WireColumn, n: int, body: int, end: int,
+            ctx: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    name = spec.name
+    if name in _SCALARS:
+        if spec.dtype != _SCALARS[name].str or spec.offsets != -1:
+            raise PayloadError(f"{ctx}: {name}: expected a scalar column of {_SCALARS[name]}, "
+                               f"got dtype {spec.dtype!r}")
+    elif name not in _ALLOWED:
+        raise PayloadError(f"{ctx}: columns: unknown column {name!r}")
+    elif spec.dtype not in _ALLOWED[name]:
+        raise PayloadError(f"{ctx}: {name}: dtype {spec.dtype!r} is not one of "
+                           f"{sorted(_ALLOWED[name])}")
+    dtype = np.dtype(spec.dtype)
+    if spec.nbytes < 0 or spec.nbytes % dtype.itemsize:
+        raise PayloadError(f"{ctx}: {name}: {spec.nbytes} bytes is not a whole number of "
+                           f"{dtype} values")
+    count = spec.nbytes // dtype.itemsize
+    data = _array(payload, dtype, spec.data, count, body, end, ctx, name)
+    if dtype.kind == "b" and count and data.view(np.uint8).max() > 1:
+        raise PayloadError(f"{ctx}: {name}: boolean values other than 0 and 1")
+    present = None
+    if spec.present != -1:
+        flags = _array(payload, np.dtype(np.uint8), spec.present, n, body, end, ctx,
+                       f"{name} presence flags")
+        if n and flags.max() > 1:
+            raise PayloadError(f"{ctx}: {name}: presence flags other than 0 and 1")
+        present = flags.view(np.bool_)
+    offsets = None
+    if spec.offsets == -1:
+        if count != n:
+            raise PayloadError(f"{ctx}: {name}: {count} values for {n} experiences")
+        return data, None, present
+    offsets = _array(payload, np.dtype("<i8"), spec.offsets, n + 1, body, end, ctx,
+                     f"{name} offsets")
+    if offsets[0] != 0 or offsets[-1] != count or (n and (np.diff(offsets) < 0).any()):
+        raise PayloadError(f"{ctx}: {name}: item offsets are not increasing from 0 to {count}")
+    if present is not None and (offsets[1:][~present] != offsets[:-1][~present]).any():
+        raise PayloadError(f"{ctx}: {name}: an absent item has values")
+    return data, offsets, present
+
+
+def decode_experiences(payload: bytes | bytearray | memoryview, *,
+                       index: int | None = None) -> ExperienceBatch:
+    """Decode an FRXP payload; array columns are numpy views into ``payload``.
+
+    ``index`` (the payload's position in a list) is named in every error."""
+    ctx = where(index)
+    try:
+        view = memoryview(payload).cast("B")
+    except TypeError as exc:
+        raise PayloadError(f"{ctx}: expected bytes, got {type(payload).__name__}") from exc
+    end = len(view)
+    if end < _PREFIX.size:
+        raise PayloadError(f"{ctx}: prefix: {end} bytes is shorter than the "
+                           f"{_PREFIX.size}-byte prefix")
+    magic, version, reserved, hlen = _PREFIX.unpack_from(view)
+    if magic != MAGIC:
+        raise PayloadError(f"{ctx}: magic: expected {MAGIC!r}, got {bytes(magic)!r}")
+    if version != VERSION:
+        raise PayloadError(f"{ctx}: version: unsupported FRXP version {version} "
+                           f"(this build reads {VERSION})")
+    if reserved != b"\0\0\0":
+        raise PayloadError(f"{ctx}: prefix: reserved bytes are not zero")
+    if hlen > end - _PREFIX.size:
+        raise PayloadError(f"{ctx}: header: length {hlen} runs past the end of the payload "
+                           f"({end} bytes)")
+    try:
+        header = _decoder.decode(view[_PREFIX.size:_PREFIX.size + hlen])
+    except (ValueError, RecursionError) as exc:  # msgspec errors, bad UTF-8
+        raise PayloadError(f"{ctx}: {_name_path(str(exc))}: {exc}") from None
+    n = header.count
+    if n != len(header.items):
+        raise PayloadError(f"{ctx}: header.count: says {n} experiences, lists "
+                           f"{len(header.items)}")
+    body = _PREFIX.size + hlen + (-(_PREFIX.size + hlen) % _ALIGN)
+    columns: dict[str, ArrayColumn] = {}
+    scalars: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for spec in header.columns:
+        if spec.name in columns or spec.name in scalars:
+            raise PayloadError(f"{ctx}: {spec.name}: column listed twice")
+        data, offsets, present = _column(view, spec, n, body, end, ctx)
+        if offsets is None:
+            scalars[spec.name] = (data, present)
+        else:
+            columns[spec.name] = ArrayColumn.from_offsets(data, offsets, present)
+    if "tokens" not in columns or columns["tokens"].present is not None:
+        raise PayloadError(f"{ctx}: tokens: every experience needs tokens")
+    for name in _SCALARS:
+        if name not in scalars:
+            raise PayloadError(f"{ctx}: {name}: column missing")
+    rewards, reward_present = scalars["reward"]
+    plens, plen_present = scalars["prompt_length"]
+    if plen_present is not None:
+        raise PayloadError(f"{ctx}: prompt_length: every experience needs one")
+    return ExperienceBatch(header.items, columns, rewards, reward_present, plens)

@@ -1,0 +1,220 @@
+"""TRXP interop both ways against Trinity-RFT 0.6.0's real Experience class.
+
+``trinity/common/experience.py`` is loaded from the installed wheel; it imports only
+torch, safetensors and ``trinity.common.dataclass_utils`` (omegaconf), all real: no stand-ins.
+"""
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from benchmarks.trinity_ref import trinity_module
+from fastrollout import EID, Experience, PayloadError
+from fastrollout.compat.trinity import decode_trxp, encode_trxp
+from fastrollout.experience import decode_any
+
+T = trinity_module("common/experience.py")
+
+
+def trinity_experiences():
+    single = T.Experience(eid=T.EID(batch=1, task=2, run=3, step=0, suffix="aaaaaa"),
+                          tokens=torch.tensor([5, 6, 7, 8], dtype=torch.int32), prompt_length=2,
+                          logprobs=torch.tensor([-0.5, -0.25]), reward=1.0,
+                          info={"model_version": 4, "tags": ["x", 1]}, metrics={"acc": 1.0},
+                          response_text="r", prompt_text="p", truncate_status=None)
+    multi = T.Experience(eid=T.EID(batch="e/1", task="t", run=0, step=2, suffix="bbbbbb"),
+                         tokens=torch.arange(6, dtype=torch.int64), prompt_length=1,
+                         action_mask=torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool),
+                         advantages=torch.ones(5), returns=torch.zeros(5, dtype=torch.float64),
+                         token_level_reward=torch.full((5,), 0.5, dtype=torch.float16),
+                         teacher_logprobs=torch.tensor([0.1] * 5, dtype=torch.bfloat16),
+                         messages=[{"role": "user", "content": "hi"}], tools=[{"name": "f"}])
+    dpo = T.Experience(tokens=torch.tensor([1, 2], dtype=torch.int32),
+                       chosen=torch.tensor([3, 4], dtype=torch.int32),
+                       rejected=torch.tensor([5], dtype=torch.int32),
+                       chosen_messages=[{"role": "assistant", "content": "c"}],
+                       rejected_messages=[{"role": "assistant", "content": "r"}])
+    return [single, multi, dpo]
+
+
+def assert_matches_trinity(ours, theirs):
+    for name in ("tokens", "logprobs", "token_level_reward", "advantages", "returns",
+                 "action_mask", "chosen", "rejected", "teacher_logprobs"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert np.array_equal(a, b.float().numpy() if b.dtype == torch.bfloat16
+                                  else b.numpy()), name
+    for name in ("reward", "prompt_length", "truncate_status", "info", "metrics",
+                 "response_text", "prompt_text", "messages", "tools", "chosen_messages",
+                 "rejected_messages"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.eid.to_dict() == theirs.eid.to_dict()
+
+
+def test_decode_trinity_payload():
+    theirs = trinity_experiences()
+    payload = T.Experience.serialize_many(theirs)
+    batch = decode_trxp(payload)
+    assert len(batch) == 3
+    for ours, t in zip(batch, theirs):
+        assert_matches_trinity(ours, t)
+    # Trinity's quirk: a single-turn experience is written with its synthesized action mask.
+    assert batch[0].action_mask.tolist() == [True, True]
+    assert batch[1].tokens.dtype == np.int64 and batch[1].returns.dtype == np.float64
+    assert len(decode_any(payload, index=0)) == 3
+
+
+def test_decode_trxp_views_into_safetensors_section():
+    payload = T.Experience.serialize_many([T.Experience(
+        tokens=torch.arange(10, dtype=torch.int32), prompt_length=4,
+        logprobs=torch.zeros(6)) for _ in range(3)])
+    batch = decode_trxp(payload)
+    whole = np.frombuffer(payload, np.uint8)
+    for name, col in batch.columns.items():
+        assert np.shares_memory(col.data, whole), name
+    assert np.shares_memory(batch[2].tokens, whole)
+
+
+def test_trinity_reads_our_payload():
+    ours = [Experience(tokens=[1, 2, 3, 4], prompt_length=2, logprobs=[-1.0, -2.0], reward=0.5,
+                       info={"k": [1, 2]}, metrics={"m": 2.0}, response_text="r",
+                       eid=EID(batch=1, task=0, run=1, suffix="cccccc")),
+            Experience(tokens=np.arange(5, dtype=np.int64), prompt_length=1,
+                       action_mask=[1, 1, 0, 1], advantages=[1, 2, 3, 4],
+                       messages=[{"role": "user", "content": "x"}])]
+    theirs = T.Experience.deserialize_many(encode_trxp(ours))
+    assert len(theirs) == 2
+    # The quirk again: Trinity synthesizes an action mask for single-turn experiences.
+    assert theirs[0].action_mask.tolist() == [True, True] and ours[0].action_mask is None
+    ours[0].action_mask = np.ones(2, dtype=np.bool_)
+    for a, b in zip(ours, theirs):
+        assert_matches_trinity(a, b)
+    assert theirs[1].experience_type == "multi_turn"
+
+
+def test_round_trip_through_trinity_both_ways():
+    theirs = trinity_experiences()
+    again = T.Experience.deserialize_many(encode_trxp(decode_trxp(
+        T.Experience.serialize_many(theirs))))
+    for a, b in zip(decode_trxp(T.Experience.serialize_many(again)), theirs):
+        assert_matches_trinity(a, b)
+
+
+def _trxp(meta_obj, tensors=b"\x02\0\0\0\0\0\0\0{}"):
+    meta = meta_obj if isinstance(meta_obj, bytes) else pickle.dumps(meta_obj, protocol=5)
+    return b"TRXP\x01" + struct.pack("<QQ", len(meta), len(tensors)) + meta + tensors
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("executed!",))
+
+
+@pytest.mark.parametrize("meta, match", [
+    (Boom(), "REDUCE|STACK_GLOBAL"),
+    ({"version": 1, "num_items": 0, "items": [], "x": Boom()}, "STACK_GLOBAL"),
+    (pickle.dumps(Boom(), protocol=0), "GLOBAL|not allowed"),
+    (pickle.dumps(Boom(), protocol=2), "GLOBAL"),
+    (b"\x80\x05r\xff\xff\xff\x7f.", "memo index"),
+    (b"\x80\x05]\x94h\x00a.", "Expected `object`"),
+    (b"\x80\x05X\xff\xff\xff\x00abc.", "claims"),
+    (b"\x80\x05}\x94", "truncated"),
+    (b"\x80\x05N.junk", "follow the STOP"),
+    ({"version": 1, "num_items": 1, "items": [{"eid": {"run": "x"}}]}, r"items\[0\]\.eid\.run"),
+    ({"version": 1, "num_items": 2, "items": []}, "num_items"),
+])
+def test_refuses_hostile_and_malformed_pickles(meta, match, capsys):
+    with pytest.raises(PayloadError, match=f"payload 5: meta: .*({match})"):
+        decode_trxp(_trxp(meta), index=5)
+    assert "executed" not in capsys.readouterr().out
+
+
+def _with_info(info):
+    return {"version": 1, "num_items": 1, "items": [{"info": info}]}
+
+
+def _cyclic():
+    info = {"a": []}
+    info["a"].append(info)
+    return info
+
+
+def _exponential():
+    x = None
+    for _ in range(40):  # 40 levels of [x, x]: 2**40 values once expanded
+        x = [x, x]
+    return {"x": x}
+
+
+def _deep():
+    x = None
+    for _ in range(300):  # deeper than MAX_DEPTH, shallower than pickle's recursion limit
+        x = [x]
+    return {"x": x}
+
+
+@pytest.mark.parametrize("info, match", [
+    (_cyclic(), "cycle"), (_exponential(), "expand"), (_deep(), "deeper"),
+])
+def test_refuses_cycles_sharing_blowup_and_deep_nesting(info, match):
+    with pytest.raises(PayloadError, match=f"payload 0: meta: .*{match}"):
+        decode_trxp(_trxp(_with_info(info)), index=0)
+
+
+def test_shared_references_within_budget_are_kept():
+    tools = [{"name": "calc", "args": ["a", "b"]}]
+    meta = {"version": 1, "num_items": 2, "items": [{"tools": tools}, {"tools": tools}]}
+    tensors = encode_trxp([Experience(tokens=[1, 2]), Experience(tokens=[3])])
+    st_part = tensors[21 + struct.unpack_from("<Q", tensors, 5)[0]:]
+    batch = decode_trxp(_trxp(meta, st_part))
+    assert batch[0].tools == batch[1].tools == tools
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda h: h.replace(b'"0:tokens"', b'"9:tokens"'), "outside"),
+    (lambda h: h.replace(b'"I32"', b'"F99"'), "unsupported dtype"),
+    (lambda h: h.replace(b'"shape":[4]', b'"shape":[400]'), "offsets do not match"),
+])
+def test_refuses_bad_tensor_headers(edit, match):
+    payload = encode_trxp([Experience(tokens=[1, 2, 3, 4], logprobs=[0.5, 0.5],
+                                      prompt_length=2)])
+    meta_len = struct.unpack_from("<Q", payload, 5)[0]
+    st_at = 21 + meta_len
+    hlen = struct.unpack_from("<Q", payload, st_at)[0]
+    head = edit(payload[st_at + 8:st_at + 8 + hlen])
+    head += b" " * (hlen - len(head))
+    bad = payload[:st_at + 8] + head[:hlen] + payload[st_at + 8 + hlen:]
+    with pytest.raises(PayloadError, match=match):
+        decode_trxp(bad, index=0)
+
+
+def test_refuses_fields_fastrollout_does_not_carry():
+    routed = T.Experience(tokens=torch.tensor([1, 2, 3]), prompt_length=1,
+                          routed_experts=torch.zeros((2, 1, 1), dtype=torch.uint8))
+    with pytest.raises(PayloadError, match=r"payload 4: routed_experts: .*not supported"):
+        decode_trxp(T.Experience.serialize_many([routed]), index=4)
+    mm = T.Experience(tokens=torch.tensor([1, 2, 3]), prompt_length=1,
+                      multi_modal_inputs={"pixels": torch.zeros(2)})
+    with pytest.raises(PayloadError, match=r"items\[0\]\.multi_modal_inputs: not supported"):
+        decode_trxp(T.Experience.serialize_many([mm]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_mutated_trinity_payloads(data):
+    payload = bytearray(T.Experience.serialize_many(trinity_experiences()))
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(payload) - 1))
+        payload[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(payload)))
+    try:
+        batch = decode_trxp(bytes(payload[:cut]), index=2)
+    except PayloadError as exc:
+        assert str(exc).startswith("payload 2: ")
+        return
+    assert all(exp.tokens.ndim == 1 for exp in batch)
