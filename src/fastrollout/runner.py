@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .engines.client import ModelClient
@@ -66,13 +66,13 @@ class Runner:
                              clients_out: list) -> Outcome:
         """Run up to ``max_retry_times + 1`` attempts, each bounded by ``timeout`` seconds.
 
+        ``task.rollout_args.n`` is already ``repeat_times`` (the scheduler sets it).
+
         ``clients_out`` receives the model clients of the attempt in flight, so that a
         canceller can abort their engine requests without this coroutine's help.
         Raises EngineDeadError when the slot's engine died (the caller reschedules).
         """
         loop = asyncio.get_running_loop()
-        if task.rollout_args.n != repeat_times:
-            task = replace(task, rollout_args=replace(task.rollout_args, n=repeat_times))
         start = time.monotonic()
         status = Status(0, repeat_times, [])
         experiences: list = []

@@ -12,14 +12,13 @@ import bisect
 import logging
 import re
 from collections import deque
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from ._native.status import TASK_DONE, TASK_FAILED, StatusTable
 from .errors import EngineDeadError
 from .metrics import calculate_task_level_metrics
 from .runner import Outcome, Runner, Slot
-from .task import Status, Task
+from .task import Status, Task, derive
 
 if TYPE_CHECKING:
     from .config import ExplorerConfig
@@ -70,10 +69,15 @@ class TaskRecord:
 
 
 class SubTask:
-    __slots__ = ("record", "repeat_times", "run_id_base", "handle", "slot", "clients")
+    __slots__ = ("record", "task", "repeat_times", "run_id_base", "handle", "slot", "clients")
 
     def __init__(self, record: TaskRecord, repeat_times: int, run_id_base: int) -> None:
         self.record = record
+        # What the runner sees: the task with rollout_args.n = this sub-task's repeats.
+        task = record.task
+        if task.rollout_args.n != repeat_times:
+            task = derive(task, rollout_args=derive(task.rollout_args, n=repeat_times))
+        self.task = task
         self.repeat_times = repeat_times
         self.run_id_base = run_id_base
         self.handle: asyncio.Task | None = None
@@ -134,7 +138,7 @@ class Scheduler:
         k = self.config.max_repeat_times_per_runner
         table = self.table
         for i, task in enumerate(tasks):
-            task = replace(task, batch_id=batch.batch_id, task_id=i)
+            task = derive(task, batch_id=batch.batch_id, task_id=i)
             repeat = task.repeat_times
             bases = range(0, repeat, k) if k else (0,)
             record = TaskRecord(task, table.add_task(batch.bslot, repeat, len(bases)), batch)
@@ -182,7 +186,7 @@ class Scheduler:
         is_eval = record.batch.is_eval or record.task.is_eval
         timeout = self.config.max_timeout if is_eval else self.timeout()
         sub.handle = asyncio.ensure_future(self.runner.run_with_retry(
-            record.task, sub.repeat_times, sub.run_id_base, slot, timeout,
+            sub.task, sub.repeat_times, sub.run_id_base, slot, timeout,
             self.config.over_rollout.return_partial_tasks, sub.clients))
         sub.handle.add_done_callback(lambda handle, sub=sub: self._done(sub, handle))
 

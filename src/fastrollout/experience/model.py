@@ -76,6 +76,8 @@ def as_array(value: Any, name: str) -> np.ndarray:
 
     numpy arrays and CPU tensors of an allowed dtype are kept without copying."""
     default, allowed, kinds = FIELD_DTYPES[name]
+    if type(value) is np.ndarray and value.ndim == 1 and value.dtype in allowed:
+        return value    # the common case, kept cheap: workflows build many experiences
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(value, tensor):
         value = value.detach().cpu()
@@ -137,11 +139,16 @@ class Experience:
         self.tools = tools
         self.chosen_messages = chosen_messages
         self.rejected_messages = rejected_messages
-        for name, value in (("logprobs", logprobs), ("token_level_reward", token_level_reward),
-                            ("advantages", advantages), ("returns", returns),
-                            ("action_mask", action_mask), ("chosen", chosen),
-                            ("rejected", rejected), ("teacher_logprobs", teacher_logprobs)):
-            setattr(self, name, None if value is None else as_array(value, name))
+        self.logprobs = None if logprobs is None else as_array(logprobs, "logprobs")
+        self.token_level_reward = (None if token_level_reward is None
+                                   else as_array(token_level_reward, "token_level_reward"))
+        self.advantages = None if advantages is None else as_array(advantages, "advantages")
+        self.returns = None if returns is None else as_array(returns, "returns")
+        self.action_mask = None if action_mask is None else as_array(action_mask, "action_mask")
+        self.chosen = None if chosen is None else as_array(chosen, "chosen")
+        self.rejected = None if rejected is None else as_array(rejected, "rejected")
+        self.teacher_logprobs = (None if teacher_logprobs is None
+                                 else as_array(teacher_logprobs, "teacher_logprobs"))
         if eid is None:
             eid = EID()
         elif isinstance(eid, dict):
