@@ -268,3 +268,32 @@ def test_columns_equal_row_dicts(n, data, keys):
     for detailed in (False, True):
         assert_same(M.aggregate_eval_columns(columns, "eval/x", detailed_stats=detailed),
                     M.aggregate_eval_metrics(rows, "eval/x", detailed_stats=detailed))
+
+
+def test_metric_tally_matches_batch_aggregation():
+    """The coordinator's running tally gives aggregate_metrics' / aggregate_eval_metrics' keys
+    in the same order; sum/max/min/last values identical, mean/std within rounding."""
+    import random
+
+    rng = random.Random(7)
+    dicts = [{"a": rng.random() * 10, "a:mean": rng.random(), "b:sum": rng.random(),
+              "c:max": rng.random(), "s": "skipped", "d:last": rng.random(), "e:min": rng.random(),
+              "flag": rng.random() < 0.5} for _ in range(500)]
+    tally = M.MetricTally()
+    for d in dicts:
+        tally.add(d)
+    stats = ("mean", "max", "min", "std")
+    for ref, got in ((M.aggregate_metrics(dicts, prefix="rollout"), tally.summary("rollout")),
+                     (M.aggregate_metrics(dicts, prefix="r", default_output_stats=stats),
+                      tally.summary("r", True, stats)),
+                     (M.aggregate_eval_metrics(dicts, prefix="eval/x"), tally.summary("eval/x", False))):
+        assert list(ref) == list(got)
+        for key in ref:
+            if key.endswith(("/mean", "/std")) or key.startswith("eval/x/a") or key == "eval/x/flag":
+                assert math.isclose(ref[key], got[key], rel_tol=1e-12), key
+            else:
+                assert ref[key] == got[key], key
+    nan_tally = M.MetricTally()
+    for v in (1.0, float("nan"), 2.0):
+        nan_tally.add({"x": v})
+    assert all(math.isnan(v) for v in nan_tally.summary("p").values())

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .config import Config
 from .experience import decode_payloads
-from .metrics import aggregate_columns, aggregate_eval_columns
+from .metrics import MetricTally
 from .pipeline import ExperiencePipeline
 from .runner import Runner
 from .scheduler import BatchRun, Scheduler, TaskRecord
@@ -59,9 +59,8 @@ class BatchState:
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _target: int | None = field(default=None, repr=False)
     _run: BatchRun | None = field(default=None, repr=False)
-    # Task-level metrics as columns (key -> values in completion order), filled as tasks
-    # finish so that finalize aggregates ready arrays instead of walking every status.
-    _columns: dict[str, list] = field(default_factory=dict, repr=False)
+    # Batch-level metrics kept current as tasks finish, so finalize costs O(keys).
+    _tally: MetricTally = field(default_factory=MetricTally, repr=False)
 
     @property
     def completed_task_count(self) -> int:
@@ -69,7 +68,6 @@ class BatchState:
 
 
 _DONE = (BatchLifecycleState.FINALIZED, BatchLifecycleState.ABORTED)
-_NUMERIC = (int, float)   # the value types Trinity's aggregation counts (bool is an int)
 
 
 class RolloutCoordinator:
@@ -165,7 +163,7 @@ class RolloutCoordinator:
             metrics = self._commit(state)
         else:
             state.statuses.clear()
-            state._columns.clear()
+            state._tally = MetricTally()
             self._pipeline.discard(batch_id)
             metrics = {}
         self._conclude(state, BatchLifecycleState.ABORTED, metrics)
@@ -174,7 +172,7 @@ class RolloutCoordinator:
     async def process_experiences(self, payloads: list[bytes]) -> dict:
         """Decode payloads (ours or Trinity's TRXP) and run them through the pipeline."""
         self._require()
-        return self._pipeline.process([decode_payloads(payloads)])
+        return self._pipeline.process(decode_payloads(payloads))
 
     def take_experiences(self, batch_id: BatchId) -> ExperienceBatch | None:
         """The finalized experiences of a train batch, handed over once (None if none)."""
@@ -211,13 +209,7 @@ class RolloutCoordinator:
         """A task reached a final status (or is kept as a partial result)."""
         status = record.status()
         state.statuses[record.task.task_id] = status
-        columns = state._columns
-        for key, value in status.metrics[0].items():
-            if isinstance(value, _NUMERIC):
-                if key in columns:
-                    columns[key].append(value)
-                else:
-                    columns[key] = [value]
+        state._tally.add(status.metrics[0])
         if record.experiences:
             self._pipeline.stage(state.batch_id, record.experiences)
             record.experiences = []
@@ -280,7 +272,11 @@ class RolloutCoordinator:
                     state, keep_partial=explorer.over_rollout.return_partial_tasks)
             elif state.batch_type == "train":
                 self._scheduler.completed_steps += 1   # a full train step (dynamic timeout)
-            metrics = self._commit(state)
+            try:
+                metrics = self._commit(state)
+            except Exception:
+                state.state = BatchLifecycleState.RUNNING   # results stay for a later try
+                raise
             result = self._conclude(state, BatchLifecycleState.FINALIZED, metrics)
             await self._settle(waits)
             return result
@@ -309,13 +305,13 @@ class RolloutCoordinator:
         metrics = dict(pipeline_metrics)
         count = state.completed_task_count
         if state.batch_type == "train":
-            metrics.update(aggregate_columns(state._columns, prefix="rollout"))
+            metrics.update(state._tally.summary("rollout"))
             metrics["rollout/finished_task_count"] = float(count)
         else:
             name = str(state.batch_id)
             prefix = f"eval/{name.split('/', 1)[1] if '/' in name else name}"
-            metrics.update(aggregate_eval_columns(
-                state._columns, prefix=prefix, detailed_stats=self.config.monitor.detailed_stats))
+            detailed = self.config.monitor.detailed_stats
+            metrics.update(state._tally.summary(prefix, detailed, ("mean", "max", "min", "std")))
             metrics[f"{prefix}/finished_task_count"] = float(count)
         return {"batch_id": state.batch_id, "batch_type": state.batch_type,
                 "finished_task_count": count, "metrics": metrics}

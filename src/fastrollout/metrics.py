@@ -22,6 +22,7 @@ included), except where a docstring says otherwise (exact-mode best / worst / pa
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -60,6 +61,7 @@ _ROW_STATS = {  # row-wise over a (groups x values) matrix; per row identical to
     "min": functools.partial(np.min, axis=1), "std": functools.partial(np.std, axis=1),
 }
 _NUMERIC = (int, float)
+_UNIFORM_MIN = 32           # inputs shorter than this skip the transposing fast path
 
 Groups = dict[Hashable, tuple[AggType, list[float]]]
 
@@ -100,6 +102,8 @@ def _group(metric_dicts: Sequence[Mapping[str, Any]],
     first numeric value, values in input order, each converted with ``float``."""
     if not isinstance(metric_dicts, (list, tuple)):
         metric_dicts = list(metric_dicts)
+    if len(metric_dicts) < _UNIFORM_MIN:    # a task's few runs: the plain walk is cheaper
+        return _group_items(metric_dicts, spec)
     groups = _group_uniform(metric_dicts, spec)
     return _group_items(metric_dicts, spec) if groups is None else groups
 
@@ -395,7 +399,7 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
         if agg is AggType.MEAN and not _is_time_key(key):
             rows.setdefault(len(values), []).append(key)
     per_key: dict[str, list[tuple[str, float]]] = {}
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore") if rows else contextlib.nullcontext():
         for keys in rows.values():
             stats = _run_stats(np.array([groups[k][1] for k in keys], dtype=np.float64), bootstrap)
             for i, key in enumerate(keys):
@@ -417,3 +421,72 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
 def _is_time_key(canonical: str) -> bool:
     name = parse_metric_key(canonical)[0]  # as Trinity: the name parsed again from the key
     return _TIME_KEYS[0] in name or _TIME_KEYS[1] in name
+
+
+class MetricTally:
+    """Batch-level aggregation kept up to date as task-level dicts arrive, so that closing a
+    batch costs O(keys), not O(tasks): what the coordinator uses at finalize.
+
+    ``summary()`` gives the keys of :func:`aggregate_metrics` (``detailed=True``) or
+    :func:`aggregate_eval_metrics` (``detailed=False``) over the same dicts, in the same
+    order. ``:sum``/``:max``/``:min``/``:last`` values are bit-identical (the same sequential
+    reductions as Python's ``sum``/``max``/``min``). Mean-key statistics come from a
+    compensated running sum and Welford's variance, so ``mean`` and ``std`` may differ from
+    numpy's pairwise sums in the last bits; a NaN makes mean, max, min and std NaN, as in numpy.
+    """
+
+    __slots__ = ("_groups",)
+
+    def __init__(self) -> None:
+        # (name, agg) -> [count, sum, compensation, welford mean, M2, max, min, last, nan seen]
+        self._groups: dict[tuple[str, AggType], list] = {}
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        groups = self._groups
+        for key, value in metrics.items():
+            if not isinstance(value, _NUMERIC):
+                continue
+            value = float(value)
+            group = _by_name(key)[0]
+            g = groups.get(group)
+            if g is None:
+                groups[group] = [1, value, 0.0, value, 0.0, value, value, value, value != value]
+                continue
+            count = g[0] = g[0] + 1
+            total = g[1]
+            g[1] = s = total + value
+            if group[1] is AggType.MEAN:
+                # Neumaier's compensation for the sum; Welford's update for the variance.
+                g[2] += (total - s) + value if abs(total) >= abs(value) else (value - s) + total
+                delta = value - g[3]
+                g[3] += delta / count
+                g[4] += delta * (value - g[3])
+                if value != value:
+                    g[8] = True
+            if value > g[5]:
+                g[5] = value
+            if value < g[6]:
+                g[6] = value
+            g[7] = value
+
+    def summary(self, prefix: str = "", detailed: bool = True,
+                stats: Sequence[str] = ("mean", "max", "min")) -> dict[str, float]:
+        p = f"{prefix}/" if prefix else ""
+        out: dict[str, float] = {}
+        nan = float("nan")
+        for (name, agg), (count, total, comp, _, m2, hi, lo, last, has_nan) in self._groups.items():
+            if agg is not AggType.MEAN:
+                out[f"{p}{name}/{agg.value}"] = {AggType.SUM: total, AggType.MAX: hi,
+                                                 AggType.MIN: lo, AggType.LAST: last}[agg]
+                continue
+            values = {"mean": (total + comp) / count, "max": hi, "min": lo,
+                      "std": math.sqrt(max(m2, 0.0) / count)}
+            if has_nan:
+                values = dict.fromkeys(values, nan)
+            if not detailed:
+                out[f"{p}{name}"] = values["mean"]
+            else:
+                for stat in stats:
+                    if stat in values:
+                        out[f"{p}{name}/{stat}"] = values[stat]
+        return out

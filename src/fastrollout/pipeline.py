@@ -1,55 +1,112 @@
-"""The experience pipeline: from finished tasks to a columnar batch for the trainer.
+"""The experience pipeline: from finished tasks to columnar batches for the trainer.
 
-Each train task's experiences are encoded once when the task completes and decoded
-zero-copy, so finalize only concatenates the staged columns (one copy) and hands
-the batch to the output. Trinity decodes every payload at finalize instead, which
-is where its finalize latency goes.
+Experiences are staged as their tasks complete and packed into chunks (encoded
+once, decoded zero-copy) every ``CHUNK`` experiences, so that closing a batch only
+packs the remainder. Trinity instead decodes every task's payload at finalize,
+which is where its finalize latency goes. The trainer side takes a finalized
+batch with ``take()``; its chunks are joined then, with one copy.
 """
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from .errors import FastRolloutError
 from .experience import ExperienceBatch, decode_experiences, encode_experiences
 
 if TYPE_CHECKING:
     from .config import PipelineConfig
     from .experience import Experience
 
+# Experiences per packed chunk: large enough to amortize the codec's per-call cost,
+# small enough that packing the last partial chunk at finalize takes about a millisecond.
+CHUNK = 256
+
+
+class PipelineFullError(FastRolloutError, RuntimeError):
+    """The memory sink holds ``max_buffered_experiences``; take finalized batches first."""
+
+
+class _Staging:
+    __slots__ = ("pending", "chunks")
+
+    def __init__(self) -> None:
+        self.pending: list[Experience] = []
+        self.chunks: list[ExperienceBatch] = []
+
+    def pack(self) -> None:
+        if self.pending:
+            self.chunks.append(decode_experiences(encode_experiences(self.pending)))
+            self.pending = []
+
+    def count(self) -> int:
+        return sum(map(len, self.chunks)) + len(self.pending)
+
 
 class ExperiencePipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
-        self._staged: dict[int | str, list[ExperienceBatch]] = {}
-        # Finalized batches waiting for the trainer, oldest first.
-        self._output: OrderedDict[int | str | None, ExperienceBatch] = OrderedDict()
+        self._staged: dict[int | str, _Staging] = {}
+        # Finalized batches waiting for the trainer: batch id -> packed chunks.
+        self._output: dict[int | str | None, list[ExperienceBatch]] = {}
+        self._buffered = 0
 
     def stage(self, batch_id: int | str, experiences: list[Experience]) -> None:
         """Book one task's experiences under its batch (kept until commit or discard)."""
-        staged = decode_experiences(encode_experiences(experiences))
-        self._staged.setdefault(batch_id, []).append(staged)
+        staging = self._staged.get(batch_id)
+        if staging is None:
+            staging = self._staged[batch_id] = _Staging()
+        staging.pending.extend(experiences)
+        if len(staging.pending) >= CHUNK:
+            staging.pack()
 
     def discard(self, batch_id: int | str) -> None:
         self._staged.pop(batch_id, None)
 
     def commit(self, batch_id: int | str) -> dict[str, float]:
-        """Close the batch: concatenate its staged experiences and pass them on."""
-        return self._emit(batch_id, self._staged.pop(batch_id, []))
+        """Close the batch and pass its experiences on. Raises PipelineFullError (and keeps
+        everything staged) when the memory sink has no room for them."""
+        start = time.perf_counter()
+        staging = self._staged.get(batch_id)
+        if staging is None:
+            return self._metrics(0, start)
+        self._admit(staging.count())
+        staging.pack()
+        del self._staged[batch_id]
+        return self._emit(batch_id, staging.chunks, start)
 
-    def process(self, batches: list[ExperienceBatch]) -> dict[str, float]:
+    def process(self, batch: ExperienceBatch) -> dict[str, float]:
         """Run already-decoded payloads (``process_experiences``) through the pipeline."""
-        return self._emit(None, batches)
+        start = time.perf_counter()
+        self._admit(len(batch))
+        return self._emit(None, [batch], start)
 
     def take(self, batch_id: int | str | None) -> ExperienceBatch | None:
-        return self._output.pop(batch_id, None)
+        chunks = self._output.pop(batch_id, None)
+        if chunks is None:
+            return None
+        merged = chunks[0] if len(chunks) == 1 else ExperienceBatch.concat(chunks)
+        self._buffered -= len(merged)
+        return merged
 
-    def _emit(self, batch_id: int | str | None, batches: list[ExperienceBatch]) -> dict[str, float]:
-        start = time.perf_counter()
-        merged = ExperienceBatch.concat(batches)
-        if len(merged):
-            if batch_id in self._output:
-                merged = ExperienceBatch.concat([self._output.pop(batch_id), merged])
-            self._output[batch_id] = merged
-        return {"experience_pipeline/experience_count": float(len(merged)),
+    def _admit(self, count: int) -> None:
+        limit = self.config.max_buffered_experiences
+        if (self.config.sink == "memory" and limit is not None
+                and self._buffered + count > limit):
+            raise PipelineFullError(
+                f"the memory sink holds {self._buffered} experiences and {count} more would "
+                f"pass pipeline.max_buffered_experiences={limit}; call take_experiences() for "
+                f"finalized batches first (nothing was dropped)")
+
+    def _emit(self, batch_id: int | str | None, chunks: list[ExperienceBatch],
+              start: float) -> dict[str, float]:
+        count = sum(map(len, chunks))
+        if count and self.config.sink == "memory":
+            self._output.setdefault(batch_id, []).extend(c for c in chunks if len(c))
+            self._buffered += count
+        return self._metrics(count, start)
+
+    @staticmethod
+    def _metrics(count: int, start: float) -> dict[str, float]:
+        return {"experience_pipeline/experience_count": float(count),
                 "experience_pipeline/time/total": time.perf_counter() - start}

@@ -63,10 +63,11 @@ class Runner:
 
     async def run_with_retry(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
                              timeout: float, collect_partial_runs: bool,
-                             clients_out: list) -> Outcome:
+                             keep_experiences: bool, clients_out: list) -> Outcome:
         """Run up to ``max_retry_times + 1`` attempts, each bounded by ``timeout`` seconds.
 
         ``task.rollout_args.n`` is already ``repeat_times`` (the scheduler sets it).
+        With ``keep_experiences`` false (eval) the runs' experiences are dropped unstamped.
 
         ``clients_out`` receives the model clients of the attempt in flight, so that a
         canceller can abort their engine requests without this coroutine's help.
@@ -111,7 +112,8 @@ class Runner:
                     raise EngineDeadError(f"engine {slot.engine_index} died while running task "
                                           f"{task.task_id} of batch {task.batch_id}")
                 status, experiences = self._collect(task, repeat_times, run_id_base, results,
-                                                    version, slot.engine.model_version)
+                                                    version, slot.engine.model_version,
+                                                    keep_experiences)
             if status.ok or (collect_partial_runs and status.completed_runs > 0):
                 break
         elapsed = time.monotonic() - start
@@ -216,7 +218,7 @@ class Runner:
             raise
 
     def _collect(self, task: Task, repeat_times: int, run_id_base: int, results: list[RunResult],
-                 version_before: int, version_after: int) -> tuple[Status, list]:
+                 version_before: int, version_after: int, keep: bool) -> tuple[Status, list]:
         exps: list[Experience] = []
         metrics: list[dict] = []
         first_error = None
@@ -227,11 +229,13 @@ class Runner:
                 first_error = first_error or error
                 continue
             completed += repeat_times if repeatable else 1
+            metrics.extend(run_metrics)
+            if not keep:
+                continue
             if not repeatable:
                 for exp in run_exps:
                     exp.eid.run = run_id_base + i
             exps.extend(run_exps)
-            metrics.extend(run_metrics)
         if first_error is None:
             message = None
         elif completed:

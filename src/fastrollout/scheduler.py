@@ -138,8 +138,11 @@ class Scheduler:
         k = self.config.max_repeat_times_per_runner
         table = self.table
         for i, task in enumerate(tasks):
-            task = derive(task, batch_id=batch.batch_id, task_id=i)
             repeat = task.repeat_times
+            changes = {"batch_id": batch.batch_id, "task_id": i}
+            if not k and task.rollout_args.n != repeat:    # the one sub-task needs n = repeat
+                changes["rollout_args"] = derive(task.rollout_args, n=repeat)
+            task = derive(task, **changes)
             bases = range(0, repeat, k) if k else (0,)
             record = TaskRecord(task, table.add_task(batch.bslot, repeat, len(bases)), batch)
             record.subtasks = len(bases)
@@ -187,7 +190,7 @@ class Scheduler:
         timeout = self.config.max_timeout if is_eval else self.timeout()
         sub.handle = asyncio.ensure_future(self.runner.run_with_retry(
             sub.task, sub.repeat_times, sub.run_id_base, slot, timeout,
-            self.config.over_rollout.return_partial_tasks, sub.clients))
+            self.config.over_rollout.return_partial_tasks, not is_eval, sub.clients))
         sub.handle.add_done_callback(lambda handle, sub=sub: self._done(sub, handle))
 
     def _release(self, sub: SubTask) -> None:
@@ -233,7 +236,7 @@ class Scheduler:
             self.train_subtasks += 1
         record.completed_runs += status.completed_runs
         record.metrics.extend(status.metrics)
-        if outcome.experiences and not is_eval:
+        if outcome.experiences:
             record.experiences.extend(outcome.experiences)
         if not status.ok and record.first_error is None:
             record.first_error = status.message
