@@ -1,0 +1,143 @@
+"""ModelClient: what a workflow calls to sample from an engine.
+
+One client serves one attempt of one task. It turns text (or chat messages) into
+engine requests with ids ``{request_prefix}-{k}``, remembers which are in flight
+so that the attempt's owner can abort exactly those, and wraps the completions
+in Experiences. Synchronous workflows run in worker threads; their calls hop to
+the event loop with ``run_coroutine_threadsafe`` so they never block it.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Coroutine
+
+import numpy as np
+
+from ..errors import EngineError
+from ..experience import Experience
+from ..task import GenerationConfig
+from .base import Completion, InferenceModel
+
+# Trinity's value for a response cut off by the length limit.
+RESPONSE_TRUNCATED = "response_truncated"
+
+
+class ModelClient:
+    def __init__(self, engine: InferenceModel, *, loop: asyncio.AbstractEventLoop,
+                 rollout_args: GenerationConfig, request_prefix: str) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.rollout_args = rollout_args
+        self.request_prefix = request_prefix
+        self._counter = 0
+        self._inflight: set[str] = set()
+        self._closed = False
+
+    # -- async API (on the loop) -------------------------------------------------------------
+
+    async def generate_async(self, prompts: list[str], **gen: Any) -> list[Experience]:
+        """Sample ``n`` responses for each prompt; experiences in prompt order."""
+        if isinstance(prompts, str):
+            raise TypeError("ModelClient.generate takes a list of prompts, got a str")
+        params = self._params(gen)
+        encode = self.engine.encode
+        return await self._run_all([(encode(p), p) for p in prompts], params)
+
+    async def chat_async(self, messages: list[dict], **gen: Any) -> list[Experience]:
+        """Sample ``n`` replies to a conversation, using the engine's chat template."""
+        params = self._params(gen)
+        ids = self.engine.apply_chat_template(messages)
+        exps = await self._run_all([(ids, None)], params)
+        for exp in exps:
+            exp.messages = list(messages)
+        return exps
+
+    async def model_version_async(self) -> int:
+        return self.engine.model_version
+
+    @property
+    def model_version(self) -> int:
+        return self.engine.model_version
+
+    def inflight_request_ids(self) -> list[str]:
+        return list(self._inflight)
+
+    async def abort_all(self) -> None:
+        """Abort this client's in-flight requests and close it."""
+        self._closed = True
+        if self._inflight:
+            await self.engine.abort(list(self._inflight))
+
+    def close(self) -> None:
+        """Refuse further calls (requests in flight are left to ``abort_all``)."""
+        self._closed = True
+
+    # -- sync API (from worker threads) ------------------------------------------------------
+
+    def generate(self, prompts: list[str], **gen: Any) -> list[Experience]:
+        return self._bridge(self.generate_async(prompts, **gen), "generate")
+
+    def chat(self, messages: list[dict], **gen: Any) -> list[Experience]:
+        return self._bridge(self.chat_async(messages, **gen), "chat")
+
+    def _bridge(self, coro: Coroutine, name: str) -> Any:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            coro.close()
+            raise RuntimeError(f"ModelClient.{name}() called on the event loop thread: it would "
+                               f"block the loop it waits on; use `await {name}_async(...)` there")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError(f"ModelClient {self.request_prefix!r} is closed (its task attempt "
+                              f"ended or was aborted); no further requests are accepted")
+
+    def _params(self, gen: dict) -> GenerationConfig:
+        self._check_open()
+        try:
+            return self.rollout_args.merged(**gen)
+        except TypeError:
+            known = ", ".join(GenerationConfig.__dataclass_fields__)
+            unknown = sorted(set(gen) - set(GenerationConfig.__dataclass_fields__))
+            raise TypeError(f"ModelClient: unknown generation argument(s) {unknown}; "
+                            f"accepted: {known}") from None
+
+    async def _run_all(self, prompts: list[tuple[list[int], str | None]],
+                       params: GenerationConfig) -> list[Experience]:
+        if len(prompts) == 1:
+            ids, text = prompts[0]
+            return await self._run_one(ids, text, params)
+        groups = await asyncio.gather(*(self._run_one(ids, text, params) for ids, text in prompts))
+        return [exp for group in groups for exp in group]
+
+    async def _run_one(self, ids: list[int], text: str | None,
+                       params: GenerationConfig) -> list[Experience]:
+        self._check_open()    # gathered prompts start later: abort_all may have run since
+        self._counter += 1
+        rid = f"{self.request_prefix}-{self._counter}"
+        self._inflight.add(rid)
+        try:
+            completions = await self.engine.generate(ids, params, request_id=rid)
+        finally:
+            self._inflight.discard(rid)
+        prompt = np.asarray(ids, dtype=np.int32)
+        if text is None:
+            text = self.engine.decode(prompt)
+        return [_experience(prompt, text, c) for c in completions]
+
+
+def _experience(prompt: np.ndarray, prompt_text: str, c: Completion) -> Experience:
+    return Experience(
+        tokens=np.concatenate((prompt, c.token_ids)),
+        prompt_length=len(prompt),
+        logprobs=c.logprobs,
+        response_text=c.text,
+        prompt_text=prompt_text,
+        truncate_status=RESPONSE_TRUNCATED if c.finish_reason == "length" else None,
+    )
