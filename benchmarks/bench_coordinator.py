@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import uvloop
 
+from benchmarks.batches import timed_batch
 from benchmarks.trinity_coordinator import run_trinity_batches
 from fastrollout import Config, Experience, RolloutCoordinator, Task, Workflow
 from fastrollout.engines import SimulatedEngine
@@ -100,13 +101,7 @@ async def run_fastrollout_batch(num_tasks: int, repeat: int, *, slots: int = SLO
         is_eval = batch_type == "eval"
         tasks = [Task(workflow=workflow, repeat_times=repeat, is_eval=is_eval) for _ in range(num_tasks)]
         batch_id = 1 if not is_eval else "1/bench"
-        start = time.perf_counter()
-        await coordinator.submit_batch(batch_id=batch_id, tasks=tasks, batch_type=batch_type)
-        if is_eval:
-            result = await coordinator.finalize_eval_batch(batch_id)
-        else:
-            result = await coordinator.finalize_train_batch(batch_id)
-        end = time.perf_counter()
+        result, start, end = await timed_batch(coordinator, batch_id, tasks, batch_type)
         assert result["finished_task_count"] == num_tasks
         if not is_eval:
             assert len(coordinator.take_experiences(batch_id)) == num_tasks * repeat

@@ -28,6 +28,8 @@ import time
 import types
 from typing import Any, Literal
 
+from benchmarks.batches import timed_batch
+
 __all__ = ["trinity_modules", "run_trinity_batches"]
 
 
@@ -295,13 +297,7 @@ async def run_trinity_batches(num_tasks: int, repeat: int, *, runner_slots: int 
                                             is_eval=is_eval, raw_task={"id": i})
                      for i in range(num_tasks)]
             counted = coordinator.experience_pipeline.experience_count
-            start = time.perf_counter()
-            await coordinator.submit_batch(batch_id=batch_id, tasks=tasks, batch_type=batch_type)
-            if is_eval:
-                result = await coordinator.finalize_eval_batch(batch_id)
-            else:
-                result = await coordinator.finalize_train_batch(batch_id)
-            end = time.perf_counter()
+            result, start, end = await timed_batch(coordinator, batch_id, tasks, batch_type)
             if result["finished_task_count"] != num_tasks:
                 raise RuntimeError(f"Trinity finished {result['finished_task_count']} of "
                                    f"{num_tasks} tasks in batch {batch_id}")

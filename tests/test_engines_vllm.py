@@ -19,8 +19,7 @@ from fastrollout import (Config, EngineDeadError, GenerationConfig, RolloutCoord
 from fastrollout.engines import ModelClient, VLLMEngine
 from tinymodel import BackgroundLoop, engine_env, perturb_weights, tiny_model  # noqa: F401
 
-# vLLM (MP off) leaves its zmq contexts to the garbage collector.
-pytestmark = [pytest.mark.vllm, pytest.mark.filterwarnings("ignore:Unclosed context:ResourceWarning")]
+pytestmark = pytest.mark.vllm
 
 MAX_MODEL_LEN = 1024
 
@@ -46,7 +45,7 @@ def started(bg, tiny_model, tmp_path_factory):
     yield engines, before, after
     bg.run_all([e.shutdown() for e in engines], timeout=60)
     del engines
-    gc.collect()     # vLLM's leftover zmq contexts go now, under this module's warning filter
+    gc.collect()     # vLLM's leftover zmq contexts go now, not at interpreter exit
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import EngineError
 from ..task import GenerationConfig
 
 
@@ -48,3 +49,27 @@ class InferenceModel(Protocol):
 
     @property
     def is_dead(self) -> bool: ...
+
+
+class HFTokenizerMixin:
+    """``encode`` / ``decode`` / ``apply_chat_template`` for engines that load a Hugging Face
+    tokenizer into ``self._tokenizer`` during ``prepare()`` and are named by ``self.name``."""
+
+    _tokenizer: Any = None
+    name: str
+
+    def _tok(self) -> Any:
+        if self._tokenizer is None:
+            raise EngineError(f"{self.name}: tokenizer not loaded; call prepare() first")
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok().encode(text)
+
+    def decode(self, token_ids: list[int] | np.ndarray) -> str:
+        return self._tok().decode(list(map(int, token_ids)))
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        out = self._tok().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        # Newer transformers return a BatchEncoding (a mapping) instead of a list of ids.
+        return list(out["input_ids"] if hasattr(out, "keys") else out)

@@ -18,10 +18,10 @@ import numpy as np
 
 from ..errors import EngineDeadError, EngineError
 from ..task import GenerationConfig
-from .base import Completion
+from .base import Completion, HFTokenizerMixin
 
 
-class OpenAIEngine:
+class OpenAIEngine(HFTokenizerMixin):
     """``base_url`` ends with ``/v1``; ``model`` is the served model name.
 
     ``tokenizer``: a Hugging Face tokenizer or a name/path to load one from
@@ -34,6 +34,7 @@ class OpenAIEngine:
                  request_timeout: float | None = None, dead_after: int = 3) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.name = f"OpenAIEngine {self.base_url}"
         self.model_version = 0
         self._tokenizer_src = tokenizer if tokenizer is not None else model
         self._tokenizer: Any = None if isinstance(self._tokenizer_src, str) else self._tokenizer_src
@@ -183,23 +184,6 @@ class OpenAIEngine:
                 raise ValueError(f"{len(logprobs)} logprobs for {len(token_ids)} tokens")
         return Completion(token_ids, logprobs, c.get("finish_reason") or "stop", c["text"])
 
-    # -- tokenizer ---------------------------------------------------------------------------
-
-    def _tok(self) -> Any:
-        if self._tokenizer is None:
-            raise EngineError(f"OpenAIEngine {self.base_url}: tokenizer not loaded; "
-                              f"call prepare() first")
-        return self._tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok().encode(text)
-
-    def decode(self, token_ids: list[int] | np.ndarray) -> str:
-        return self._tok().decode(list(map(int, token_ids)))
-
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        out = self._tok().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 def _cancelling() -> bool:

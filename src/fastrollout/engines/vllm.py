@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import EngineDeadError, EngineError
 from ..task import GenerationConfig
-from .base import Completion
+from .base import Completion, HFTokenizerMixin
 
 # Settings the CPU build needs on small machines (measured on 2-core CPU machines);
 # defaults only: a value in os.environ or in ``env=`` wins.
@@ -36,7 +36,7 @@ def _is_cpu_build() -> bool:
     return current_platform.is_cpu()
 
 
-class VLLMEngine:
+class VLLMEngine(HFTokenizerMixin):
     """An ``InferenceModel`` backed by ``vllm.v1.engine.async_llm.AsyncLLM``.
 
     ``engine_args`` are ``AsyncEngineArgs`` fields; ``env`` holds environment
@@ -224,22 +224,6 @@ class VLLMEngine:
                 await llm.resume_generation()
         return self.model_version
 
-    # -- tokenizer ---------------------------------------------------------------------------
-
-    def _tok(self) -> Any:
-        if self._tokenizer is None:
-            raise EngineError(f"{self.name}: tokenizer not loaded; call prepare() first")
-        return self._tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok().encode(text)
-
-    def decode(self, token_ids: list[int] | np.ndarray) -> str:
-        return self._tok().decode(list(map(int, token_ids)))
-
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        out = self._tok().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
 def _completion(c: Any) -> Completion:

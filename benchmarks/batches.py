@@ -1,0 +1,17 @@
+"""One timed batch through any coordinator with Trinity's API (ours or Trinity's own)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+async def timed_batch(coordinator: Any, batch_id: Any, tasks: list, batch_type: str
+                      ) -> tuple[dict, float, float]:
+    """Submit ``tasks`` and finalize them: (result, start, end) in ``time.perf_counter()``."""
+    start = time.perf_counter()
+    await coordinator.submit_batch(batch_id=batch_id, tasks=tasks, batch_type=batch_type)
+    if batch_type == "eval":
+        result = await coordinator.finalize_eval_batch(batch_id)
+    else:
+        result = await coordinator.finalize_train_batch(batch_id)
+    return result, start, time.perf_counter()
