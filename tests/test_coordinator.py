@@ -462,3 +462,25 @@ async def wait_until(predicate, timeout=5.0):
         if loop.time() > deadline:
             raise AssertionError("condition not reached")
         await asyncio.sleep(0.005)
+
+
+async def test_auxiliary_models_are_spread_over_slots_like_trinity():
+    class JudgeWorkflow(AsyncWorkflow):
+        async def run_async(self):
+            judged = await self.auxiliary_models[0].generate_async(["judge this"])
+            exps = await super().run_async()
+            exps[0].metrics = {"judge_tokens": float(len(judged[0].tokens))}
+            return exps
+
+    rollout = [SimulatedEngine(ttft=0.005)]
+    judges = [SimulatedEngine(ttft=0.005, seed=1), SimulatedEngine(ttft=0.005, seed=2)]
+    coord = RolloutCoordinator(make_config(runner_per_model=4), rollout, [judges])
+    await coord.prepare()
+    try:
+        await coord.submit_batch(batch_id=0, tasks=tasks(8, JudgeWorkflow), batch_type="train")
+        result = await coord.finalize_train_batch(0)
+        assert result["metrics"]["rollout/judge_tokens/mean"] > 0
+        # slot i uses auxiliary engine i % 2: both judges share the work
+        assert judges[0].requests_received == judges[1].requests_received == 4
+    finally:
+        await coord.shutdown()

@@ -81,9 +81,10 @@ class Runner:
             prefix = f"{task.batch_id}/{task.task_id}/{run_id_base}/{attempt}"
             clients = [ModelClient(slot.engine, loop=loop, rollout_args=task.rollout_args,
                                    request_prefix=prefix)]
-            clients += [ModelClient(e, loop=loop, rollout_args=task.rollout_args,
-                                    request_prefix=f"{prefix}/aux{j}")
-                        for j, e in enumerate(slot.aux_engines)]
+            if slot.aux_engines:
+                clients += [ModelClient(e, loop=loop, rollout_args=task.rollout_args,
+                                        request_prefix=f"{prefix}/aux{j}")
+                            for j, e in enumerate(slot.aux_engines)]
             clients_out[:] = clients
             version = slot.engine.model_version
             try:

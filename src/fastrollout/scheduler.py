@@ -111,6 +111,7 @@ class Scheduler:
         self.runner = runner
         self.table = StatusTable()
         self.engines = engines
+        self._loop = asyncio.get_running_loop()
         self._on_fatal = on_fatal
         # Slot i is bound to engine i % E and to auxiliary engine i % len(aux[j]), as in Trinity.
         per_engine = config.runner_per_model
@@ -188,7 +189,7 @@ class Scheduler:
         record.batch.running.add(sub)
         is_eval = record.batch.is_eval or record.task.is_eval
         timeout = self.config.max_timeout if is_eval else self.timeout()
-        sub.handle = asyncio.ensure_future(self.runner.run_with_retry(
+        sub.handle = self._loop.create_task(self.runner.run_with_retry(
             sub.task, sub.repeat_times, sub.run_id_base, slot, timeout,
             self.config.over_rollout.return_partial_tasks, not is_eval, sub.clients))
         sub.handle.add_done_callback(lambda handle, sub=sub: self._done(sub, handle))
