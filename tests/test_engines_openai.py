@@ -120,11 +120,22 @@ async def test_model_client_chat_over_http(server, tiny_model):
 async def test_abort_cancels_the_http_request_and_the_server_drops_it(server, tiny_model):
     engine = await _engine(server, tiny_model)
     try:
-        task = asyncio.ensure_future(engine.generate(
-            engine.encode("Numbers:"), GenerationConfig(n=2, max_tokens=1000), request_id="long"))
-        await asyncio.sleep(1.0)
+        # The random tiny model may sample its end-of-sequence token early: start requests
+        # until one is seen running on the server, then abort that one.
+        for attempt in range(5):
+            rid = f"long-{attempt}"
+            task = asyncio.ensure_future(engine.generate(
+                engine.encode("Numbers:"), GenerationConfig(n=2, max_tokens=1000), request_id=rid))
+            deadline = time.monotonic() + 10
+            while (not task.done() and time.monotonic() < deadline
+                   and await asyncio.to_thread(_running_requests, server) < 1):
+                await asyncio.sleep(0.05)
+            if not task.done():
+                break
+        else:
+            pytest.fail("no request stayed running long enough to be aborted")
         assert await asyncio.to_thread(_running_requests, server) >= 1
-        await engine.abort(["long"])
+        await engine.abort([rid])
         outs = await task
         assert [c.finish_reason for c in outs] == ["abort", "abort"]
         deadline = time.monotonic() + 10
