@@ -208,11 +208,11 @@ class RolloutCoordinator:
     def _book(self, state: BatchState, record: TaskRecord) -> None:
         """A task reached a final status (or is kept as a partial result)."""
         status = record.status()
-        state.statuses[record.task.task_id] = status
+        state.statuses[record.task_id] = status
         state._tally.add(status.metrics[0])
         if record.experiences:
             self._pipeline.stage(state.batch_id, record.experiences)
-            record.experiences = []
+            record.experiences = ()
         if state._target is not None and len(state.statuses) >= state._target:
             state._wake.set()
 

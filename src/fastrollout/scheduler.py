@@ -40,44 +40,47 @@ def batch_priority(batch_id: int | str) -> tuple:
 
 
 class TaskRecord:
-    """One task of a batch while it runs: its sub-tasks' tally."""
+    """One task of a batch: its sub-tasks' tally. Kept small while queued (the caller's
+    Task is only copied when the task starts), since a batch may queue 100k of them."""
 
-    __slots__ = ("task", "row", "batch", "subtasks", "completed_runs", "metrics",
-                 "experiences", "first_error", "finished")
+    __slots__ = ("source", "task_id", "task", "row", "batch", "subtasks", "completed_runs",
+                 "metrics", "experiences", "first_error", "finished")
 
-    def __init__(self, task: Task, row: int, batch: BatchRun) -> None:
-        self.task = task
+    def __init__(self, source: Task, task_id: int, row: int, batch: BatchRun) -> None:
+        self.source = source
+        self.task_id = task_id
+        self.task: Task | None = None   # ``source`` with batch_id / task_id set, once started
         self.row = row                  # slot in the status table
         self.batch = batch
         self.subtasks = 0
         self.completed_runs = 0
-        self.metrics: list[dict] = []
-        self.experiences: list = []
+        self.metrics: list[dict] | tuple = ()     # lists only once there is something in them
+        self.experiences: list | tuple = ()
         self.first_error: str | None = None
         self.finished = False
 
+    def bound(self) -> Task:
+        if self.task is None:
+            self.task = derive(self.source, batch_id=self.batch.batch_id, task_id=self.task_id)
+        return self.task
+
     def status(self) -> Status:
         """The task's final status, with its one task-level metrics dict."""
-        total = self.task.repeat_times
+        total = self.source.repeat_times
         message = None
         if self.completed_runs < total:
             message = f"{self.completed_runs}/{total} runs completed successfully."
             message += (f" First error: {self.first_error}" if self.first_error
                         else " Remaining runs were cancelled during scheduler cleanup.")
         return Status(self.completed_runs, total,
-                      [calculate_task_level_metrics(self.metrics, self.task.is_eval)], message)
+                      [calculate_task_level_metrics(self.metrics, self.source.is_eval)], message)
 
 
 class SubTask:
-    __slots__ = ("record", "task", "repeat_times", "run_id_base", "handle", "slot", "clients")
+    __slots__ = ("record", "repeat_times", "run_id_base", "handle", "slot", "clients")
 
     def __init__(self, record: TaskRecord, repeat_times: int, run_id_base: int) -> None:
         self.record = record
-        # What the runner sees: the task with rollout_args.n = this sub-task's repeats.
-        task = record.task
-        if task.rollout_args.n != repeat_times:
-            task = derive(task, rollout_args=derive(task.rollout_args, n=repeat_times))
-        self.task = task
         self.repeat_times = repeat_times
         self.run_id_base = run_id_base
         self.handle: asyncio.Task | None = None
@@ -140,12 +143,8 @@ class Scheduler:
         table = self.table
         for i, task in enumerate(tasks):
             repeat = task.repeat_times
-            changes = {"batch_id": batch.batch_id, "task_id": i}
-            if not k and task.rollout_args.n != repeat:    # the one sub-task needs n = repeat
-                changes["rollout_args"] = derive(task.rollout_args, n=repeat)
-            task = derive(task, **changes)
             bases = range(0, repeat, k) if k else (0,)
-            record = TaskRecord(task, table.add_task(batch.bslot, repeat, len(bases)), batch)
+            record = TaskRecord(task, i, table.add_task(batch.bslot, repeat, len(bases)), batch)
             record.subtasks = len(bases)
             batch.records.append(record)
             for base in bases:
@@ -187,10 +186,14 @@ class Scheduler:
         self.table.start(record.row)
         sub.slot = slot
         record.batch.running.add(sub)
-        is_eval = record.batch.is_eval or record.task.is_eval
+        # What the runner sees: the task with rollout_args.n = this sub-task's repeats.
+        task = record.bound()
+        if task.rollout_args.n != sub.repeat_times:
+            task = derive(task, rollout_args=derive(task.rollout_args, n=sub.repeat_times))
+        is_eval = record.batch.is_eval or task.is_eval
         timeout = self.config.max_timeout if is_eval else self.timeout()
         sub.handle = self._loop.create_task(self.runner.run_with_retry(
-            sub.task, sub.repeat_times, sub.run_id_base, slot, timeout,
+            task, sub.repeat_times, sub.run_id_base, slot, timeout,
             self.config.over_rollout.return_partial_tasks, not is_eval, sub.clients))
         sub.handle.add_done_callback(lambda handle, sub=sub: self._done(sub, handle))
 
@@ -224,21 +227,27 @@ class Scheduler:
         except Exception as exc:
             rec = sub.record
             self._on_fatal(RuntimeError(
-                f"internal error while finishing task {rec.task.task_id} of batch "
+                f"internal error while finishing task {rec.task_id} of batch "
                 f"{rec.batch.batch_id}: {exc!r}").with_traceback(exc.__traceback__))
         finally:
             self.dispatch()
 
     def _account(self, sub: SubTask, outcome: Outcome) -> None:
         record, status = sub.record, outcome.status
-        is_eval = record.batch.is_eval or record.task.is_eval
+        is_eval = record.batch.is_eval or record.source.is_eval
         if not is_eval:     # eval tasks neither feed nor obey the dynamic timeout
             self.train_time += outcome.elapsed
             self.train_subtasks += 1
         record.completed_runs += status.completed_runs
-        record.metrics.extend(status.metrics)
+        if record.metrics:
+            record.metrics.extend(status.metrics)
+        else:
+            record.metrics = status.metrics
         if outcome.experiences:
-            record.experiences.extend(outcome.experiences)
+            if record.experiences:
+                record.experiences.extend(outcome.experiences)
+            else:
+                record.experiences = outcome.experiences
         if not status.ok and record.first_error is None:
             record.first_error = status.message
         state = self.table.finish_subtask(record.row, status.completed_runs,
