@@ -122,7 +122,7 @@ async def test_sync_calls_from_a_thread_bridge_to_the_loop_without_blocking_it()
         await asyncio.gather(tick_task, return_exceptions=True)
     assert len(gen) == 2 and len(chat) == 1 and version == 0
     assert ticks > 1                      # the loop kept running while the thread waited
-    assert await client.model_version_async() == 0
+    assert await client.model_version_async == 0
 
 
 async def test_sync_call_on_the_loop_thread_is_refused():
@@ -137,4 +137,4 @@ async def test_model_version_follows_the_engine():
     engine = SimulatedEngine()
     client = _client(engine)
     await engine.update_weights()
-    assert client.model_version == 1 and await client.model_version_async() == 1
+    assert client.model_version == 1 and await client.model_version_async == 1

@@ -52,7 +52,9 @@ class ModelClient:
             exp.messages = list(messages)
         return exps
 
+    @property
     async def model_version_async(self) -> int:
+        """``await client.model_version_async`` (a property, as Trinity's model wrapper has it)."""
         return self.engine.model_version
 
     @property
