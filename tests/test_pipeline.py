@@ -1,0 +1,55 @@
+"""ExperiencePipeline: staging, packing, the memory sink's bound, the discard sink."""
+import numpy as np
+import pytest
+
+from fastrollout import Config, Experience
+from fastrollout.pipeline import CHUNK, ExperiencePipeline, PipelineFullError
+
+
+def exps(n, start=0):
+    return [Experience(tokens=np.arange(4, dtype=np.int32) + i, prompt_length=2, reward=float(i))
+            for i in range(start, start + n)]
+
+
+def pipeline(**cfg):
+    return ExperiencePipeline(Config.from_dict({"pipeline": cfg}).pipeline)
+
+
+def test_staged_experiences_come_out_in_order_across_chunks():
+    p = pipeline()
+    staged = 0
+    while staged < CHUNK + 20:                    # one packed chunk and a remainder
+        p.stage(7, exps(10, staged))
+        staged += 10
+    assert p.commit(7)["experience_pipeline/experience_count"] == staged
+    batch = p.take(7)
+    assert len(batch) == staged
+    assert [e.reward for e in batch.to_experiences()] == [float(i) for i in range(len(batch))]
+    assert p.take(7) is None
+
+
+def test_discarded_batches_leave_nothing():
+    p = pipeline()
+    p.stage(1, exps(3))
+    p.discard(1)
+    assert p.commit(1)["experience_pipeline/experience_count"] == 0.0
+    assert p.take(1) is None
+
+
+def test_memory_sink_bound_refuses_and_keeps_everything():
+    p = pipeline(max_buffered_experiences=5)
+    p.stage(1, exps(4))
+    p.commit(1)
+    p.stage(2, exps(3))
+    with pytest.raises(PipelineFullError, match="max_buffered_experiences=5"):
+        p.commit(2)
+    assert len(p.take(1)) == 4                    # drained: now batch 2 fits
+    p.commit(2)
+    assert len(p.take(2)) == 3
+
+
+def test_discard_sink_counts_without_keeping():
+    p = pipeline(sink="discard")
+    p.stage(1, exps(3))
+    assert p.commit(1)["experience_pipeline/experience_count"] == 3.0
+    assert p.take(1) is None
