@@ -484,3 +484,19 @@ async def test_auxiliary_models_are_spread_over_slots_like_trinity():
         assert judges[0].requests_received == judges[1].requests_received == 4
     finally:
         await coord.shutdown()
+
+
+async def test_full_memory_sink_fails_finalize_without_losing_the_batch():
+    from fastrollout.pipeline import PipelineFullError
+    config = Config.from_dict({"explorer": {"runner_per_model": 4},
+                               "pipeline": {"max_buffered_experiences": 4}})
+    async with Harness(config) as coord:
+        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow), batch_type="train")
+        await coord.finalize_train_batch(0)
+        await coord.submit_batch(batch_id=1, tasks=tasks(2, AsyncWorkflow), batch_type="train")
+        with pytest.raises(PipelineFullError, match="take_experiences"):
+            await coord.finalize_train_batch(1)
+        assert coord.pending_batches[1].state == BatchLifecycleState.RUNNING
+        assert len(coord.take_experiences(0)) == 4
+        assert (await coord.finalize_train_batch(1))["finished_task_count"] == 2
+        assert len(coord.take_experiences(1)) == 2
