@@ -3,6 +3,7 @@
 ``trinity/common/experience.py`` is loaded from the installed wheel; it imports only
 torch, safetensors and ``trinity.common.dataclass_utils`` (omegaconf), all real: no stand-ins.
 """
+import json
 import pickle
 import struct
 
@@ -218,3 +219,55 @@ def test_fuzz_mutated_trinity_payloads(data):
         assert str(exc).startswith("payload 2: ")
         return
     assert all(exp.tokens.ndim == 1 for exp in batch)
+
+
+def _with_header(payload, edit_header=lambda h: h, edit_data=lambda d: d):
+    """Rebuild a TRXP payload with its safetensors header and data section edited."""
+    meta_len = struct.unpack_from("<Q", payload, 5)[0]
+    st_at = 21 + meta_len
+    hlen = struct.unpack_from("<Q", payload, st_at)[0]
+    head = edit_header(json.loads(payload[st_at + 8:st_at + 8 + hlen]))
+    head = json.dumps(head).encode()
+    data = edit_data(bytearray(payload[st_at + 8 + hlen:]))
+    tensors = struct.pack("<Q", len(head)) + head + bytes(data)
+    return (payload[:5] + struct.pack("<QQ", meta_len, len(tensors)) + payload[21:st_at]
+            + tensors)
+
+
+def _masked(masks):
+    return encode_trxp([Experience(tokens=[1, 2, 3], action_mask=m) for m in masks])
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_refuses_boolean_bytes_other_than_0_and_1(apart):
+    payload = _masked([[1, 0, 1], [0, 1, 1]])
+    header = {}
+
+    def edit_header(h):
+        if apart:  # item 1's mask moved to the end, past bytes that are not booleans
+            at = h["1:action_mask"]["data_offsets"][1]
+            h["1:action_mask"]["data_offsets"] = [at + 2, at + 5]
+        header.update(h)
+        return h
+
+    def relocate(data):
+        return data + b"\x07\x07" + data[-3:] if apart else data
+
+    good = _with_header(payload, edit_header, relocate)
+    assert decode_trxp(good)[1].action_mask.tolist() == [False, True, True]
+    assert decode_trxp(good)[0].action_mask.tolist() == [True, False, True]
+    at = header["1:action_mask"]["data_offsets"][0] + 1
+    bad = _with_header(payload, edit_header,
+                       lambda d: (lambda r: r[:at] + b"\x02" + r[at + 1:])(relocate(d)))
+    with pytest.raises(PayloadError, match="payload 1: action_mask: boolean values"):
+        decode_trxp(bad, index=1)
+
+
+def test_refuses_offsets_too_large_for_int64():
+    payload = encode_trxp([Experience(tokens=[1, 2])])
+
+    def edit(h):
+        h["0:tokens"]["data_offsets"] = [2**63 + 5, 2**63 + 13]
+        return h
+    with pytest.raises(PayloadError, match="payload 0: tensors: bad safetensors header"):
+        decode_trxp(_with_header(payload, edit), index=0)

@@ -10,7 +10,9 @@ import json
 import pickle
 import struct
 from collections.abc import Iterable
-from typing import Any
+from itertools import chain
+from operator import attrgetter
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
@@ -64,10 +66,15 @@ class _Meta(msgspec.Struct, gc=False):
     items: list[_Item]
 
 
+# Shapes and offsets past any real payload are refused while decoding, so numpy's int64
+# arithmetic on them (np.fromiter, length x itemsize) cannot overflow.
+_Size = Annotated[int, msgspec.Meta(ge=0, lt=2**56)]
+
+
 class _Tensor(msgspec.Struct, gc=False):
     dtype: str = ""
-    shape: list[int] = []
-    data_offsets: tuple[int, int] = (0, 0)
+    shape: list[_Size] = []
+    data_offsets: tuple[_Size, _Size] = (0, 0)
 
 
 _header_decoder = msgspec.json.Decoder(dict[str, _Tensor])
@@ -182,12 +189,13 @@ def _column(data: memoryview, name: str, i_texts: list[str], tensors: list[_Tens
     if any(len(t.shape) != 1 for t in tensors):
         raise PayloadError(f"{ctx}: {name}: expected 1-D tensors")
     lengths = np.array([t.shape[0] for t in tensors], dtype=np.int64)
-    bounds = np.array([t.data_offsets for t in tensors], dtype=np.int64).reshape(-1, 2)
+    bounds = np.fromiter(chain.from_iterable(map(attrgetter("data_offsets"), tensors)),
+                         np.int64, 2 * len(tensors)).reshape(-1, 2)
     sizes = np.array([np.dtype(_ST_DTYPES[t.dtype]).itemsize for t in tensors]) \
         if len(st_dtypes) > 1 else np.dtype(_ST_DTYPES[next(iter(st_dtypes))]).itemsize
     begins, ends = bounds[:, 0], bounds[:, 1]
-    if (begins < 0).any() or (ends < begins).any() or (ends > len(data)).any() \
-            or (lengths < 0).any() or ((ends - begins) != lengths * sizes).any():
+    if (ends < begins).any() or (ends > len(data)).any() \
+            or ((ends - begins) != lengths * sizes).any():
         raise PayloadError(f"{ctx}: {name}: tensor data offsets do not match their shapes "
                            f"or run past the {len(data)}-byte data section")
     present = None
@@ -219,10 +227,21 @@ def _column(data: memoryview, name: str, i_texts: list[str], tensors: list[_Tens
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum([0 if a is None else len(a) for a in arrays], out=offsets[1:])
         column = ArrayColumn.from_offsets(flat, offsets, present)
-    if column.dtype.kind == "b" and len(column.data) \
-            and column.flat().view(np.uint8).max(initial=0) > 1:
+    if column.dtype.kind == "b" and len(column.data) and not _binary(column, data, begins, ends):
         raise PayloadError(f"{ctx}: {name}: boolean values other than 0 and 1")
     return column
+
+
+def _binary(column: ArrayColumn, data: memoryview, begins: np.ndarray,
+            ends: np.ndarray) -> bool:
+    """Whether every boolean is stored as 0 or 1. safetensors writes a field's tensors side
+    by side, so one slice of the data section usually holds exactly them: check it in place
+    rather than gathering a copy."""
+    first, last = int(begins.min()), int(ends.max())
+    if column.data.nbytes == len(data) and last - first == int((ends - begins).sum()) \
+            and np.frombuffer(data, np.uint8)[first:last].max(initial=0) <= 1:
+        return True  # the span covers every tensor's bytes, so all of them are 0 or 1
+    return column.flat().view(np.uint8).max(initial=0) <= 1
 
 
 # ---------------------------------------------------------------- encode
