@@ -18,6 +18,8 @@ from fastrollout import EID, Experience, PayloadError
 from fastrollout.compat.trinity import decode_trxp, encode_trxp
 from fastrollout.experience import decode_any
 
+from fuzzing import mutated
+
 T = trinity_module("common/experience.py")
 
 
@@ -208,13 +210,9 @@ def test_refuses_fields_fastrollout_does_not_carry():
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_mutated_trinity_payloads(data):
-    payload = bytearray(T.Experience.serialize_many(trinity_experiences()))
-    for _ in range(data.draw(st.integers(1, 4))):
-        pos = data.draw(st.integers(0, len(payload) - 1))
-        payload[pos] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(payload)))
+    payload = mutated(data, T.Experience.serialize_many(trinity_experiences()))
     try:
-        batch = decode_trxp(bytes(payload[:cut]), index=2)
+        batch = decode_trxp(payload, index=2)
     except PayloadError as exc:
         assert str(exc).startswith("payload 2: ")
         return

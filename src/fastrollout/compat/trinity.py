@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import PayloadError
 from ..experience.batch import ArrayColumn, ExperienceBatch
-from ..experience.codec import where
+from ..experience.codec import read_prefix, where
 from ..experience.model import ARRAY_FIELDS, FIELD_DTYPES, Experience, as_array
 from .pickle_guard import UnsafePickle, check_tree, load_plain
 
@@ -86,16 +86,8 @@ def decode_trxp(payload: bytes | bytearray | memoryview, *,
                 index: int | None = None) -> ExperienceBatch:
     """Decode a TRXP payload written by Trinity's ``Experience.serialize_many``."""
     ctx = where(index)
-    view = memoryview(payload).cast("B")
+    view, (meta_len, tensor_len) = read_prefix(payload, _PREFIX, MAGIC, VERSION, ctx)
     end = len(view)
-    if end < _PREFIX.size:
-        raise PayloadError(f"{ctx}: prefix: {end} bytes is shorter than the "
-                           f"{_PREFIX.size}-byte TRXP prefix")
-    magic, version, meta_len, tensor_len = _PREFIX.unpack_from(view)
-    if magic != MAGIC:
-        raise PayloadError(f"{ctx}: magic: expected {MAGIC!r}, got {bytes(magic)!r}")
-    if version != VERSION:
-        raise PayloadError(f"{ctx}: version: unsupported TRXP version {version}")
     if meta_len > end or tensor_len > end or _PREFIX.size + meta_len + tensor_len != end:
         raise PayloadError(f"{ctx}: prefix: meta ({meta_len}) and tensor ({tensor_len}) "
                            f"lengths do not add up to the {end}-byte payload")

@@ -90,6 +90,27 @@ def where(index: int | None) -> str:
 
 # ---------------------------------------------------------------- encode
 
+def read_prefix(payload: Any, prefix: struct.Struct, magic: bytes, version: int,
+                ctx: str) -> tuple[memoryview, tuple]:
+    """``payload`` as a byte view, and the fields of its fixed ``prefix`` after the magic and
+    version (both checked). Shared by the FRXP and TRXP decoders."""
+    try:
+        view = memoryview(payload).cast("B")
+    except TypeError as exc:
+        raise PayloadError(f"{ctx}: expected bytes, got {type(payload).__name__}") from exc
+    name = magic.decode()
+    if len(view) < prefix.size:
+        raise PayloadError(f"{ctx}: prefix: {len(view)} bytes is shorter than the "
+                           f"{prefix.size}-byte {name} prefix")
+    fields = prefix.unpack_from(view)
+    if fields[0] != magic:
+        raise PayloadError(f"{ctx}: magic: expected {magic!r}, got {bytes(fields[0])!r}")
+    if fields[1] != version:
+        raise PayloadError(f"{ctx}: version: unsupported {name} version {fields[1]} "
+                           f"(this build reads {version})")
+    return view, fields[2:]
+
+
 def encode_experiences(exps: Iterable[Experience]) -> bytes:
     """Serialize experiences (or an ExperienceBatch) into one FRXP payload."""
     exps = list(exps)
@@ -225,20 +246,8 @@ def decode_experiences(payload: bytes | bytearray | memoryview, *,
 
     ``index`` (the payload's position in a list) is named in every error."""
     ctx = where(index)
-    try:
-        view = memoryview(payload).cast("B")
-    except TypeError as exc:
-        raise PayloadError(f"{ctx}: expected bytes, got {type(payload).__name__}") from exc
+    view, (reserved, hlen) = read_prefix(payload, _PREFIX, MAGIC, VERSION, ctx)
     end = len(view)
-    if end < _PREFIX.size:
-        raise PayloadError(f"{ctx}: prefix: {end} bytes is shorter than the "
-                           f"{_PREFIX.size}-byte prefix")
-    magic, version, reserved, hlen = _PREFIX.unpack_from(view)
-    if magic != MAGIC:
-        raise PayloadError(f"{ctx}: magic: expected {MAGIC!r}, got {bytes(magic)!r}")
-    if version != VERSION:
-        raise PayloadError(f"{ctx}: version: unsupported FRXP version {version} "
-                           f"(this build reads {VERSION})")
     if reserved != b"\0\0\0":
         raise PayloadError(f"{ctx}: prefix: reserved bytes are not zero")
     if hlen > end - _PREFIX.size:
