@@ -5,9 +5,9 @@ imported only when used.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_getattr
 from .base import Completion, InferenceModel
 from .client import ModelClient
 from .simulated import OutputLength, SimulatedEngine
@@ -18,13 +18,7 @@ __all__ = ["Completion", "InferenceModel", "ModelClient", "OpenAIEngine", "Outpu
 _LAZY = {"VLLMEngine": ".vllm", "OpenAIEngine": ".openai"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fastrollout.engines' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 if TYPE_CHECKING:
