@@ -302,5 +302,6 @@ class Scheduler:
             self.table.cancel(record.row)
 
     def release_batch(self, batch: BatchRun) -> None:
-        """Forget a batch that is finalized or aborted (its table rows go back)."""
-        self.table.drop_batch(batch.bslot)
+        """Forget a batch that is finalized or aborted. Its table rows go back on the next
+        loop iteration: nothing reads them any more, and a finalize need not wait for it."""
+        self._loop.call_soon(self.table.drop_batch, batch.bslot)
