@@ -71,6 +71,22 @@ class BatchState:
 _DONE = (BatchLifecycleState.FINALIZED, BatchLifecycleState.ABORTED)
 
 
+_heap_frozen = False
+
+
+def _freeze_startup_heap() -> None:
+    """Once per process, at the first prepare(): what exists then (modules, torch, engines,
+    tokenizers) lives as long as the process. Frozen, it is no longer re-walked by every full
+    collection: with torch and vLLM loaded one walk costs ~0.3 s, and the garbage of a
+    4096-task batch triggers one. vLLM's engine core freezes its heap after start-up too.
+    Only once, so that objects of later coordinators stay collectable."""
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.collect()
+        gc.freeze()
+
+
 class RolloutCoordinator:
     """Schedules batches of tasks onto engines and returns their aggregated metrics.
 
@@ -97,12 +113,7 @@ class RolloutCoordinator:
             return
         engines = self.rollout_model + [e for models in self.auxiliary_models for e in models]
         await asyncio.gather(*(e.prepare() for e in {id(e): e for e in engines}.values()))
-        # What exists now (modules, torch, engines, tokenizers) lives as long as the process.
-        # Frozen, it is no longer re-walked by every full collection: with torch and vLLM
-        # loaded one such walk costs ~0.3 s, which the garbage of a 4096-task batch triggers
-        # once. vLLM's engine core freezes its heap after start-up for the same reason.
-        gc.collect()
-        gc.freeze()
+        _freeze_startup_heap()
         explorer = self.config.explorer
         self._pool = WorkerPool()
         runner = Runner(concurrent_mode=explorer.concurrent_mode,
