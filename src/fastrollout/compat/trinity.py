@@ -10,13 +10,11 @@ import json
 import pickle
 import struct
 from collections.abc import Iterable
-from itertools import chain
-from operator import attrgetter
-from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 
+from .._native.trxp_header import HeaderError, parse_header
 from ..errors import PayloadError
 from ..experience.batch import ArrayColumn, ExperienceBatch
 from ..experience.codec import read_prefix, where
@@ -64,20 +62,6 @@ class _Meta(msgspec.Struct, gc=False):
     version: int
     num_items: int
     items: list[_Item]
-
-
-# Shapes and offsets past any real payload are refused while decoding, so numpy's int64
-# arithmetic on them (np.fromiter, length x itemsize) cannot overflow.
-_Size = Annotated[int, msgspec.Meta(ge=0, lt=2**56)]
-
-
-class _Tensor(msgspec.Struct, gc=False):
-    dtype: str = ""
-    shape: list[_Size] = []
-    data_offsets: tuple[_Size, _Size] = (0, 0)
-
-
-_header_decoder = msgspec.json.Decoder(dict[str, _Tensor])
 
 
 # ---------------------------------------------------------------- decode
@@ -142,60 +126,52 @@ def _load_tensors(view: memoryview, start: int, end: int, n: int,
     if hlen > end - start - 8:
         raise PayloadError(f"{ctx}: tensors: header length {hlen} runs past the payload")
     try:
-        header = _header_decoder.decode(view[start + 8:start + 8 + hlen])
-    except (ValueError, RecursionError) as exc:  # msgspec errors, bad UTF-8
+        fields, dtypes = parse_header(view[start + 8:start + 8 + hlen])
+    except HeaderError as exc:
         raise PayloadError(f"{ctx}: tensors: bad safetensors header: {exc}") from None
-    header.pop("__metadata__", None)
     data = view[start + 8 + hlen:end]
-    groups: dict[str, tuple[list[str], list[_Tensor]]] = {}
-    for key, t in header.items():
-        i_text, _, name = key.partition(":")
-        group = groups.get(name)
-        if group is None:
-            group = groups[name] = ([], [])
-        group[0].append(i_text)
-        group[1].append(t)
-    for name, (i_texts, _) in groups.items():
+    for name, (_, first_key) in fields.items():
         if name not in FIELD_DTYPES:
             what = "not supported by fastrollout" if name.startswith(_UNSUPPORTED) \
                 else "unknown"
-            raise PayloadError(f"{ctx}: {name}: tensor field {what} (item {i_texts[0]})")
-    if len(groups.get("tokens", ((),))[0]) != n:
-        raise PayloadError(f"{ctx}: tokens: {len(groups.get('tokens', ((),))[0])} token "
-                           f"tensors for {n} experiences")
-    return {name: _column(data, name, *groups[name], n, ctx)
-            for name in ARRAY_FIELDS if name in groups}
+            raise PayloadError(f"{ctx}: {name}: tensor field {what} "
+                               f"(item {first_key.partition(':')[0]})")
+    count = fields["tokens"][0].shape[1] if "tokens" in fields else 0
+    if count != n:
+        raise PayloadError(f"{ctx}: tokens: {count} token tensors for {n} experiences")
+    return {name: _column(data, name, fields[name][0], dtypes, n, ctx)
+            for name in ARRAY_FIELDS if name in fields}
 
 
-def _column(data: memoryview, name: str, i_texts: list[str], tensors: list[_Tensor], n: int,
+def _column(data: memoryview, name: str, rows: np.ndarray, dtypes: list[str], n: int,
             ctx: str) -> ArrayColumn:
-    if not all(i_texts) or not "".join(i_texts).isdecimal() or not "".join(i_texts).isascii():
+    """One field's tensors, given as ``parse_header`` rows (item, length, begin, end,
+    dtype index), as a column over ``n`` experiences."""
+    idx, lengths, begins, ends, codes = rows
+    if idx.min() < 0:
         raise PayloadError(f"{ctx}: {name}: a tensor key does not start with an item number")
-    idx = np.array(list(map(int, i_texts)), dtype=np.int64)
-    if idx.max() >= n or len(np.unique(idx)) != len(idx):
+    present = np.zeros(n, dtype=np.bool_)
+    if idx.max() < n:
+        present[idx] = True
+    if idx.max() >= n or np.count_nonzero(present) != len(idx):
         raise PayloadError(f"{ctx}: {name}: tensor keys name items outside 0..{n - 1} or one "
                            "item twice")
-    st_dtypes = {t.dtype for t in tensors}
-    if not st_dtypes <= _ST_DTYPES.keys():
-        raise PayloadError(f"{ctx}: {name}: unsupported dtype in {sorted(st_dtypes)}")
-    if any(len(t.shape) != 1 for t in tensors):
+    used = [dtypes[c] for c in np.unique(codes).tolist()] \
+        if codes.min() != codes.max() else [dtypes[codes[0]]]
+    if not set(used) <= _ST_DTYPES.keys():
+        raise PayloadError(f"{ctx}: {name}: unsupported dtype in {sorted(used)}")
+    if lengths.min() < 0:
         raise PayloadError(f"{ctx}: {name}: expected 1-D tensors")
-    lengths = np.array([t.shape[0] for t in tensors], dtype=np.int64)
-    bounds = np.fromiter(chain.from_iterable(map(attrgetter("data_offsets"), tensors)),
-                         np.int64, 2 * len(tensors)).reshape(-1, 2)
-    sizes = np.array([np.dtype(_ST_DTYPES[t.dtype]).itemsize for t in tensors]) \
-        if len(st_dtypes) > 1 else np.dtype(_ST_DTYPES[next(iter(st_dtypes))]).itemsize
-    begins, ends = bounds[:, 0], bounds[:, 1]
-    if (ends < begins).any() or (ends > len(data)).any() \
+    sizes = np.array([np.dtype(_ST_DTYPES.get(d, "|u1")).itemsize for d in dtypes])[codes] \
+        if len(used) > 1 else np.dtype(_ST_DTYPES[used[0]]).itemsize
+    if (ends < begins).any() or ends.max() > len(data) \
             or ((ends - begins) != lengths * sizes).any():
         raise PayloadError(f"{ctx}: {name}: tensor data offsets do not match their shapes "
                            f"or run past the {len(data)}-byte data section")
-    present = None
-    if len(idx) != n:
-        present = np.zeros(n, dtype=np.bool_)
-        present[idx] = True
-    dtype = np.dtype(_ST_DTYPES[next(iter(st_dtypes))])
-    if len(st_dtypes) == 1 and "BF16" not in st_dtypes and dtype in FIELD_DTYPES[name][1] \
+    if len(idx) == n:
+        present = None
+    dtype = np.dtype(_ST_DTYPES[used[0]])
+    if len(used) == 1 and used[0] != "BF16" and dtype in FIELD_DTYPES[name][1] \
             and not (begins % dtype.itemsize).any():
         # Zero copy: the whole data section seen as this dtype, items located by offsets.
         base = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize)
@@ -206,9 +182,10 @@ def _column(data: memoryview, name: str, i_texts: list[str], tensors: list[_Tens
         column = ArrayColumn(base, starts, stops, present)
     else:  # mixed, narrow or bfloat16 dtypes: one converting copy
         arrays: list[np.ndarray | None] = [None] * n
-        for i, t, b, e in zip(idx.tolist(), tensors, begins.tolist(), ends.tolist()):
-            raw = np.frombuffer(data[b:e], dtype=_ST_DTYPES[t.dtype])
-            if t.dtype == "BF16":
+        for i, code, b, e in zip(idx.tolist(), codes.tolist(), begins.tolist(),
+                                 ends.tolist()):
+            raw = np.frombuffer(data[b:e], dtype=_ST_DTYPES[dtypes[code]])
+            if dtypes[code] == "BF16":
                 raw = (raw.astype(np.uint32) << 16).view(np.float32)
             try:
                 arrays[i] = as_array(raw, name)
