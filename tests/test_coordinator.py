@@ -500,3 +500,26 @@ async def test_full_memory_sink_fails_finalize_without_losing_the_batch():
         assert len(coord.take_experiences(0)) == 4
         assert (await coord.finalize_train_batch(1))["finished_task_count"] == 2
         assert len(coord.take_experiences(1)) == 2
+
+
+async def test_a_failed_retry_does_not_keep_the_earlier_attempts_experiences():
+    class HalfThenHang(AsyncWorkflow):
+        """Attempt 1: run 0 succeeds, run 1 fails. Attempt 2: hangs past the timeout."""
+
+        async def run_async(self):
+            key = ("attempts", self.task.task_id)
+            CALLS[key] += 1
+            if CALLS[key] == 2:
+                raise RuntimeError("second run of attempt 1 fails")
+            if CALLS[key] > 2:
+                await asyncio.sleep(5)
+            return await super().run_async()
+
+    config = make_config(max_retry_times=1, max_timeout=0.1)   # sequential, no partial runs
+    async with Harness(config) as coord:
+        await coord.submit_batch(batch_id=0, tasks=tasks(1, HalfThenHang, repeat=2),
+                                 batch_type="train")
+        state = coord.pending_batches[0]
+        await coord.finalize_train_batch(0, timeout=5)
+        assert state.statuses[0].completed_runs == 0
+        assert coord.take_experiences(0) is None

@@ -92,7 +92,7 @@ class Runner:
                     results = await self._attempt(task, repeat_times, run_id_base, slot, clients,
                                                   collect_partial_runs)
             except TimeoutError:
-                results = None
+                results, experiences = None, []     # an earlier attempt's runs do not count
                 status = Status(0, repeat_times, [], (
                     f"Timeout ({timeout} s) when running task of batch {task.batch_id} at runner "
                     f"{slot.index} at attempt {attempt}: task {task.task_id}"))
@@ -100,7 +100,7 @@ class Runner:
                 if slot.engine.is_dead:
                     raise EngineDeadError(f"engine {slot.engine_index} died while running task "
                                           f"{task.task_id} of batch {task.batch_id}") from None
-                results = None
+                results, experiences = None, []
                 status = Status(0, repeat_times, [], traceback.format_exc().rstrip())
             finally:
                 clients_out.clear()
