@@ -75,8 +75,6 @@ class Runner:
         """
         loop = asyncio.get_running_loop()
         start = time.monotonic()
-        status = Status(0, repeat_times, [])
-        experiences: list = []
         for attempt in range(1, self.max_retry_times + 2):
             prefix = f"{task.batch_id}/{task.task_id}/{run_id_base}/{attempt}"
             clients = [ModelClient(slot.engine, loop=loop, rollout_args=task.rollout_args,

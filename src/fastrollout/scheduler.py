@@ -43,8 +43,8 @@ class TaskRecord:
     """One task of a batch: its sub-tasks' tally. Kept small while queued (the caller's
     Task is only copied when the task starts), since a batch may queue 100k of them."""
 
-    __slots__ = ("source", "task_id", "task", "row", "batch", "subtasks", "completed_runs",
-                 "metrics", "experiences", "first_error", "finished")
+    __slots__ = ("source", "task_id", "task", "row", "batch", "completed_runs", "metrics",
+                 "experiences", "first_error", "finished")
 
     def __init__(self, source: Task, task_id: int, row: int, batch: BatchRun) -> None:
         self.source = source
@@ -52,7 +52,6 @@ class TaskRecord:
         self.task: Task | None = None   # ``source`` with batch_id / task_id set, once started
         self.row = row                  # slot in the status table
         self.batch = batch
-        self.subtasks = 0
         self.completed_runs = 0
         self.metrics: list[dict] | tuple = ()     # lists only once there is something in them
         self.experiences: list | tuple = ()
@@ -145,7 +144,6 @@ class Scheduler:
             repeat = task.repeat_times
             bases = range(0, repeat, k) if k else (0,)
             record = TaskRecord(task, i, table.add_task(batch.bslot, repeat, len(bases)), batch)
-            record.subtasks = len(bases)
             batch.records.append(record)
             for base in bases:
                 batch.queue.append(SubTask(record, min(k, repeat - base) if k else repeat, base))
