@@ -334,6 +334,46 @@ async def test_load_aware_dispatch_across_engines():
         assert engines[0].requests_received == engines[1].requests_received == 4
 
 
+async def test_workflows_that_never_suspend_do_not_hold_the_loop():
+    # One slot runs every task back to back in one worker; it must still let others run.
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async with Harness(make_config(runner_per_model=1)) as coord:
+        side = asyncio.create_task(ticker())
+        try:
+            await coord.submit_batch(batch_id=0, tasks=tasks(640, AsyncWorkflow), batch_type="train")
+            before = ticks
+            result = await coord.finalize_train_batch(0, timeout=30)
+            during = ticks - before
+        finally:
+            side.cancel()
+            await asyncio.gather(side, return_exceptions=True)
+        assert result["finished_task_count"] == 640
+        assert during >= 20     # the worker yields every few tasks (here ~40 times)
+
+
+async def test_a_slow_task_after_many_fast_ones_times_out_on_its_own_deadline():
+    # The worker's timer is armed by the first fast attempt and re-armed lazily; the slow
+    # task must get its full max_timeout, measured from its own start.
+    async with Harness(make_config(runner_per_model=1, max_timeout=0.3)) as coord:
+        batch = tasks(50, AsyncWorkflow) + tasks(1, AsyncWorkflow, sleep=0.2) \
+            + tasks(1, AsyncWorkflow, sleep=5)
+        await coord.submit_batch(batch_id=0, tasks=batch, batch_type="train")
+        state = coord.pending_batches[0]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await coord.finalize_train_batch(0, timeout=10)
+        assert loop.time() - start < 2
+        assert all(state.statuses[i].ok for i in range(51))
+        assert not state.statuses[51].ok and "Timeout (0.3 s)" in state.statuses[51].message
+
+
 async def test_timed_out_run_aborts_its_engine_request():
     engine = SimulatedEngine(hang_rate=1.0)
     async with Harness(make_config(max_timeout=0.05), [engine]) as coord:

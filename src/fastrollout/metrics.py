@@ -22,7 +22,6 @@ included), except where a docstring says otherwise (exact-mode best / worst / pa
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
@@ -399,12 +398,14 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
         if agg is AggType.MEAN and not _is_time_key(key):
             rows.setdefault(len(values), []).append(key)
     per_key: dict[str, list[tuple[str, float]]] = {}
-    with np.errstate(all="ignore") if rows else contextlib.nullcontext():
-        for keys in rows.values():
-            stats = _run_stats(np.array([groups[k][1] for k in keys], dtype=np.float64), bootstrap)
-            for i, key in enumerate(keys):
-                per_key[key] = [(suffix, values[i]) for suffix, values in stats
-                                if values[i] is not None]
+    if rows:    # (entering errstate costs more than the rest when there is nothing to do)
+        with np.errstate(all="ignore"):
+            for keys in rows.values():
+                stats = _run_stats(np.array([groups[k][1] for k in keys], dtype=np.float64),
+                                   bootstrap)
+                for i, key in enumerate(keys):
+                    per_key[key] = [(suffix, values[i]) for suffix, values in stats
+                                    if values[i] is not None]
 
     result: dict[str, float] = {}
     for key, (agg, values) in groups.items():

@@ -8,15 +8,15 @@ engine requests, and a detached synchronous run can do no more harm than fail.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import traceback
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Coroutine
 
 from .engines.client import ModelClient
 from .errors import EngineDeadError
 from .metrics import aggregate_run_level_metrics
-from .task import Status, Task
+from .task import Task
 from .threads import WorkerPool
 
 if TYPE_CHECKING:
@@ -43,13 +43,78 @@ class Slot:
         self.workflow: Workflow | None = None   # kept for reuse by resettable workflows
 
 
-@dataclass(slots=True)
+class AttemptTimer:
+    """Per-attempt timeouts of one worker task with at most one loop timer, re-armed lazily.
+
+    A worker runs attempt after attempt; arming and cancelling a loop timer for each
+    (what ``asyncio.timeout`` does) costs more than a fast attempt itself. Here a
+    timer armed for an earlier deadline stays armed: when it fires it either expires
+    the attempt in flight or re-arms for that attempt's own deadline.
+    """
+
+    __slots__ = ("loop", "task", "deadline", "armed_at", "handle", "active", "expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task) -> None:
+        self.loop = loop
+        self.task = task
+        self.deadline = self.armed_at = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+        self.active = self.expired = False
+
+    def start(self, timeout: float) -> None:
+        """An attempt of ``timeout`` seconds begins (the worker task is running it)."""
+        self.deadline = deadline = self.loop.time() + timeout
+        self.active = True
+        if not math.isfinite(deadline):
+            return
+        if self.handle is None or self.armed_at > deadline:
+            self._arm(deadline)
+
+    def stop(self) -> bool:
+        """The attempt ended; True if it ran out of time (its cancellation is consumed)."""
+        self.active = False
+        if self.expired:
+            self.expired = False
+            self.task.uncancel()
+            return True
+        return False
+
+    def close(self) -> None:
+        """The worker is done: no timer left behind."""
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _arm(self, when: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.armed_at = when
+        self.handle = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        if not self.active:
+            return      # no attempt in flight: the next one arms its own deadline
+        if self.deadline <= self.armed_at:
+            self.expired = True
+            self.task.cancel()
+        else:
+            self._arm(self.deadline)
+
+
 class Outcome:
     """What one sub-task produced after all its attempts."""
 
-    status: Status
-    experiences: list
-    elapsed: float
+    __slots__ = ("completed_runs", "total_runs", "metrics", "error", "experiences", "elapsed")
+
+    def __init__(self, completed_runs: int, total_runs: int, metrics: list[dict],
+                 error: str | None, experiences: list) -> None:
+        self.completed_runs = completed_runs
+        self.total_runs = total_runs
+        self.metrics = metrics
+        self.error = error              # the first error, None when every run completed
+        self.experiences = experiences
+        self.elapsed = 0.0
 
 
 class Runner:
@@ -63,43 +128,52 @@ class Runner:
 
     async def run_with_retry(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
                              timeout: float, collect_partial_runs: bool,
-                             keep_experiences: bool, clients_out: list) -> Outcome:
+                             keep_experiences: bool, clients_out: list,
+                             timer: AttemptTimer) -> Outcome:
         """Run up to ``max_retry_times + 1`` attempts, each bounded by ``timeout`` seconds.
 
-        ``task.rollout_args.n`` is already ``repeat_times`` (the scheduler sets it).
-        With ``keep_experiences`` false (eval) the runs' experiences are dropped unstamped.
+        Runs inside the worker task that ``timer`` belongs to. ``task.rollout_args.n`` is
+        already ``repeat_times`` (the scheduler sets it). With ``keep_experiences`` false
+        (eval) the runs' experiences are dropped unstamped.
 
         ``clients_out`` receives the model clients of the attempt in flight, so that a
         canceller can abort their engine requests without this coroutine's help.
         Raises EngineDeadError when the slot's engine died (the caller reschedules).
         """
-        loop = asyncio.get_running_loop()
         start = time.monotonic()
         for attempt in range(1, self.max_retry_times + 2):
+            if timer.task.cancelling():     # cancelled, but a workflow swallowed it
+                raise asyncio.CancelledError
             prefix = f"{task.batch_id}/{task.task_id}/{run_id_base}/{attempt}"
-            clients = [ModelClient(slot.engine, loop=loop, rollout_args=task.rollout_args,
+            clients = [ModelClient(slot.engine, loop=timer.loop, rollout_args=task.rollout_args,
                                    request_prefix=prefix)]
             if slot.aux_engines:
-                clients += [ModelClient(e, loop=loop, rollout_args=task.rollout_args,
+                clients += [ModelClient(e, loop=timer.loop, rollout_args=task.rollout_args,
                                         request_prefix=f"{prefix}/aux{j}")
                             for j, e in enumerate(slot.aux_engines)]
             clients_out[:] = clients
             version = slot.engine.model_version
+            expired = False
+            timer.start(timeout)
             try:
-                async with asyncio.timeout(timeout):
+                try:
                     results = await self._attempt(task, repeat_times, run_id_base, slot, clients,
                                                   collect_partial_runs)
-            except TimeoutError:
-                results, experiences = None, []     # an earlier attempt's runs do not count
-                status = Status(0, repeat_times, [], (
+                finally:
+                    expired = timer.stop()
+            except asyncio.CancelledError:
+                if not expired:
+                    raise
+                results = None      # an earlier attempt's runs do not count
+                outcome = Outcome(0, repeat_times, [], (
                     f"Timeout ({timeout} s) when running task of batch {task.batch_id} at runner "
-                    f"{slot.index} at attempt {attempt}: task {task.task_id}"))
+                    f"{slot.index} at attempt {attempt}: task {task.task_id}"), [])
             except Exception:
                 if slot.engine.is_dead:
                     raise EngineDeadError(f"engine {slot.engine_index} died while running task "
                                           f"{task.task_id} of batch {task.batch_id}") from None
-                results, experiences = None, []
-                status = Status(0, repeat_times, [], traceback.format_exc().rstrip())
+                results = None
+                outcome = Outcome(0, repeat_times, [], traceback.format_exc().rstrip(), [])
             finally:
                 clients_out.clear()
                 for client in clients:
@@ -110,27 +184,28 @@ class Runner:
                 if slot.engine.is_dead and not any(ok for ok, *_ in results):
                     raise EngineDeadError(f"engine {slot.engine_index} died while running task "
                                           f"{task.task_id} of batch {task.batch_id}")
-                status, experiences = self._collect(task, repeat_times, run_id_base, results,
-                                                    version, slot.engine.model_version,
-                                                    keep_experiences)
-            if status.ok or (collect_partial_runs and status.completed_runs > 0):
+                outcome = self._collect(task, repeat_times, run_id_base, results, version,
+                                        slot.engine.model_version, keep_experiences)
+            if outcome.error is None or (collect_partial_runs and outcome.completed_runs > 0):
                 break
-        elapsed = time.monotonic() - start
-        status.metrics.append({"time/task_execution": elapsed})
-        return Outcome(status, experiences, elapsed)
+        outcome.elapsed = elapsed = time.monotonic() - start
+        outcome.metrics.append({"time/task_execution": elapsed})
+        return outcome
 
     # -- one attempt -------------------------------------------------------------------------
 
-    async def _attempt(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
-                       clients: list[ModelClient], collect_partial: bool) -> list[RunResult]:
+    def _attempt(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
+                 clients: list[ModelClient], collect_partial: bool
+                 ) -> Coroutine[Any, Any, list[RunResult]]:
+        """The coroutine of one attempt, in the mode the workflow and config call for."""
         workflow_cls = task.workflow
         if workflow_cls is None:
             raise ValueError(f"task {task.task_id} of batch {task.batch_id} has no workflow")
         if workflow_cls.can_repeat:
-            return await self._repeatable(task, repeat_times, run_id_base, slot, clients)
+            return self._repeatable(task, repeat_times, run_id_base, slot, clients)
         if self.concurrent_mode == "sequential":
-            return await self._sequential(task, repeat_times, slot, clients, collect_partial)
-        return await self._parallel(task, repeat_times, clients, collect_partial)
+            return self._sequential(task, repeat_times, slot, clients, collect_partial)
+        return self._parallel(task, repeat_times, clients, collect_partial)
 
     async def _repeatable(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
                           clients: list[ModelClient]) -> list[RunResult]:
@@ -217,7 +292,7 @@ class Runner:
             raise
 
     def _collect(self, task: Task, repeat_times: int, run_id_base: int, results: list[RunResult],
-                 version_before: int, version_after: int, keep: bool) -> tuple[Status, list]:
+                 version_before: int, version_after: int, keep: bool) -> Outcome:
         exps: list[Experience] = []
         metrics: list[dict] = []
         first_error = None
@@ -235,12 +310,6 @@ class Runner:
                 for exp in run_exps:
                     exp.eid.run = run_id_base + i
             exps.extend(run_exps)
-        if first_error is None:
-            message = None
-        elif completed:
-            message = f"{completed}/{repeat_times} runs completed successfully. First error: {first_error}"
-        else:
-            message = first_error
         drift = version_after - version_before
         for exp in exps:
             eid = exp.eid
@@ -252,7 +321,7 @@ class Runner:
             info["model_version_drift"] = drift
             info["use_count"] = 0
             info["task_index"] = task.index
-        return Status(completed, repeat_times, metrics, message), exps
+        return Outcome(completed, repeat_times, metrics, first_error, exps)
 
 
 def _instance(task: Task, clients: list[ModelClient], reusable: Workflow | None) -> Workflow:

@@ -12,12 +12,12 @@ import bisect
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 from ._native.status import TASK_DONE, TASK_FAILED, StatusTable
 from .errors import EngineDeadError
 from .metrics import calculate_task_level_metrics
-from .runner import Outcome, Runner, Slot
+from .runner import AttemptTimer, Outcome, Runner, Slot
 from .task import Status, Task, derive
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _LEADING_INT = re.compile(r"^(\d+)")
+# Sub-tasks a worker runs back to back before it lets the loop run other callbacks.
+_STREAK = 16
 
 
 def batch_priority(batch_id: int | str) -> tuple:
@@ -58,10 +60,18 @@ class TaskRecord:
         self.first_error: str | None = None
         self.finished = False
 
-    def bound(self) -> Task:
-        if self.task is None:
-            self.task = derive(self.source, batch_id=self.batch.batch_id, task_id=self.task_id)
-        return self.task
+    def view(self, repeat_times: int) -> Task:
+        """What a sub-task of ``repeat_times`` runs sees: ``source`` with batch_id / task_id
+        set and ``rollout_args.n = repeat_times`` (a copy: the caller's task is not touched)."""
+        task = self.task
+        if task is None or task.rollout_args.n != repeat_times:
+            source = self.source
+            args = source.rollout_args
+            if args.n != repeat_times:
+                args = derive(args, n=repeat_times)
+            task = self.task = derive(source, batch_id=self.batch.batch_id, task_id=self.task_id,
+                                      rollout_args=args)
+        return task
 
     def status(self) -> Status:
         """The task's final status, with its one task-level metrics dict."""
@@ -168,88 +178,136 @@ class Scheduler:
     # -- dispatch -----------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        order, queued, free = self._order, self._queued, self._free
+        """Start queued sub-tasks on free slots of the least-loaded engines."""
+        order, free = self._order, self._free
         while order:
             slots = max(free, key=len)
             if not slots:
                 return
-            batch = queued[order[0]]
-            sub = batch.queue.popleft()
-            if not batch.queue:
-                del queued[order.pop(0)]
-            self._start(sub, slots.pop())
+            sub = self._pop()
+            self._begin(sub, slots.pop(), None)
 
-    def _start(self, sub: SubTask, slot: Slot) -> None:
+    def _pop(self) -> SubTask:
+        key = self._order[0]
+        batch = self._queued[key]
+        sub = batch.queue.popleft()
+        if not batch.queue:
+            del self._queued[key]
+            self._order.pop(0)
+        return sub
+
+    def _begin(self, sub: SubTask, slot: Slot, worker: asyncio.Task | None) -> None:
+        """Mark ``sub`` running on ``slot``: in ``worker``, or in a new worker task."""
         record = sub.record
         self.table.start(record.row)
         sub.slot = slot
         record.batch.running.add(sub)
-        # What the runner sees: the task with rollout_args.n = this sub-task's repeats.
-        task = record.bound()
-        if task.rollout_args.n != sub.repeat_times:
-            task = derive(task, rollout_args=derive(task.rollout_args, n=sub.repeat_times))
-        is_eval = record.batch.is_eval or task.is_eval
-        timeout = self.config.max_timeout if is_eval else self.timeout()
-        sub.handle = self._loop.create_task(self.runner.run_with_retry(
-            task, sub.repeat_times, sub.run_id_base, slot, timeout,
-            self.config.over_rollout.return_partial_tasks, not is_eval, sub.clients))
-        sub.handle.add_done_callback(lambda handle, sub=sub: self._done(sub, handle))
+        sub.handle = worker if worker is not None else self._loop.create_task(self._work(sub))
 
-    def _release(self, sub: SubTask) -> None:
+    def _follow(self, slot: Slot, worker: asyncio.Task) -> SubTask | None:
+        """A worker finished on ``slot``: the next sub-task if this slot is where it goes
+        (ties between engines favour it, so a busy worker goes on without a new task);
+        otherwise the slot is freed and the work, if any, starts elsewhere."""
+        if self._order and slot.engine_index not in self._dead:
+            mine = len(self._free[slot.engine_index]) + 1
+            if len(self._free) == 1 or max(map(len, self._free)) <= mine:
+                sub = self._pop()
+                self._begin(sub, slot, worker)
+                return sub
+        self._free_slot(slot)
+        self.dispatch()
+        return None
+
+    def _detach(self, sub: SubTask) -> Slot | None:
         slot, sub.slot = sub.slot, None
         sub.record.batch.running.discard(sub)
+        return slot
+
+    def _free_slot(self, slot: Slot | None) -> None:
         if slot is not None and slot.engine_index not in self._dead:
             self._free[slot.engine_index].append(slot)
 
+    def _release(self, sub: SubTask) -> None:
+        self._free_slot(self._detach(sub))
+
+    # -- workers ------------------------------------------------------------------------------
+
+    async def _work(self, sub: SubTask) -> None:
+        """A worker task: runs ``sub``, then the next queued sub-tasks on the same slot while
+        there are any. One task per busy slot, not per sub-task: creating, scheduling and
+        finishing a task per sub-task costs more than a fast workflow run."""
+        worker = asyncio.current_task()
+        timer = AttemptTimer(self._loop, worker)
+        streak = 0
+        try:
+            while True:
+                slot = sub.slot
+                try:
+                    if streak == _STREAK:
+                        # Workflows that never suspend would otherwise hold the loop
+                        # for the whole queue.
+                        streak = 0
+                        await asyncio.sleep(0)
+                    outcome = await self._run(sub, timer)
+                except asyncio.CancelledError:
+                    if sub.slot is not None:    # loop shutdown, not cancel_batch
+                        self._release(sub)
+                        self._cancel_record(sub.record)
+                    raise
+                except EngineDeadError as error:
+                    if sub.slot is not None:
+                        self._detach(sub)
+                        self._engine_died(slot.engine_index, sub, error)
+                        self.dispatch()
+                    return
+                if sub.slot is None:
+                    return      # cancel_batch took this sub-task (and this worker) away
+                self._detach(sub)
+                try:
+                    self._account(sub, outcome)
+                except Exception as exc:
+                    rec = sub.record
+                    self._on_fatal(RuntimeError(
+                        f"internal error while finishing task {rec.task_id} of batch "
+                        f"{rec.batch.batch_id}: {exc!r}").with_traceback(exc.__traceback__))
+                sub = self._follow(slot, worker)
+                if sub is None:
+                    return
+                streak += 1
+        finally:
+            timer.close()
+
+    def _run(self, sub: SubTask, timer: AttemptTimer) -> Coroutine[Any, Any, Outcome]:
+        record = sub.record
+        task = record.view(sub.repeat_times)
+        is_eval = record.batch.is_eval or task.is_eval
+        timeout = self.config.max_timeout if is_eval else self.timeout()
+        return self.runner.run_with_retry(
+            task, sub.repeat_times, sub.run_id_base, sub.slot, timeout,
+            self.config.over_rollout.return_partial_tasks, not is_eval, sub.clients, timer)
+
     # -- completion ---------------------------------------------------------------------------
 
-    def _done(self, sub: SubTask, handle: asyncio.Task) -> None:
-        if sub.slot is None:            # cancelled by cancel_batch/stop: already released
-            if not handle.cancelled():
-                handle.exception()      # retrieved: a late error of abandoned work
-            return
-        engine_index = sub.slot.engine_index
-        self._release(sub)
-        try:
-            if handle.cancelled():
-                # Cancelled from outside (loop shutdown): the task cannot finish any more.
-                self._cancel_record(sub.record)
-                return
-            error = handle.exception()
-            if isinstance(error, EngineDeadError):
-                self._engine_died(engine_index, sub, error)
-                return
-            if error is not None:
-                raise error
-            self._account(sub, handle.result())
-        except Exception as exc:
-            rec = sub.record
-            self._on_fatal(RuntimeError(
-                f"internal error while finishing task {rec.task_id} of batch "
-                f"{rec.batch.batch_id}: {exc!r}").with_traceback(exc.__traceback__))
-        finally:
-            self.dispatch()
-
     def _account(self, sub: SubTask, outcome: Outcome) -> None:
-        record, status = sub.record, outcome.status
-        is_eval = record.batch.is_eval or record.source.is_eval
-        if not is_eval:     # eval tasks neither feed nor obey the dynamic timeout
+        record = sub.record
+        if not (record.batch.is_eval or record.source.is_eval):
+            # eval tasks neither feed nor obey the dynamic timeout
             self.train_time += outcome.elapsed
             self.train_subtasks += 1
-        record.completed_runs += status.completed_runs
+        completed = outcome.completed_runs
+        record.completed_runs += completed
         if record.metrics:
-            record.metrics.extend(status.metrics)
+            record.metrics.extend(outcome.metrics)
         else:
-            record.metrics = status.metrics
+            record.metrics = outcome.metrics
         if outcome.experiences:
             if record.experiences:
                 record.experiences.extend(outcome.experiences)
             else:
                 record.experiences = outcome.experiences
-        if not status.ok and record.first_error is None:
-            record.first_error = status.message
-        state = self.table.finish_subtask(record.row, status.completed_runs,
-                                          status.total_runs - status.completed_runs)
+        if outcome.error is not None and record.first_error is None:
+            record.first_error = outcome.error
+        state = self.table.finish_subtask(record.row, completed, outcome.total_runs - completed)
         if state == TASK_DONE or state == TASK_FAILED:
             record.finished = True
             record.batch.on_task_done(record)

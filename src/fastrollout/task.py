@@ -18,7 +18,9 @@ def derive(obj: _T, **changes: Any) -> _T:
     every task it queues, so this path matters. Field names are not checked.
     """
     new = object.__new__(type(obj))
-    new.__dict__.update(obj.__dict__, **changes)
+    fields = obj.__dict__.copy()
+    fields.update(changes)
+    new.__dict__ = fields
     return new
 
 
