@@ -1,14 +1,21 @@
-"""Experience and EID: one sampled trajectory and its identity (Trinity's field names)."""
+"""Experience and EID: one sampled trajectory and its identity (Trinity's field names).
+
+``Experience`` itself is compiled (``fastrollout._native.experience``, for construction
+speed); this module owns what it defers to: the ``EID`` dataclass and the array conversion
+rules (``FIELD_DTYPES``, ``as_array``), bound into the compiled class at import."""
 from __future__ import annotations
 
-import os
-import random
 import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from .._native.experience import ARRAY_FIELDS, FIELDS, META_FIELDS, Experience, bind, new_suffix
+
+__all__ = ["ARRAY_FIELDS", "EID", "FIELDS", "FIELD_DTYPES", "META_FIELDS", "Experience",
+           "as_array", "to_torch"]
 
 # Array fields, the dtype a list becomes, and the dtypes an array may keep as they are.
 # Arrays of another dtype of the same family are cast to the default; anything else is refused.
@@ -21,21 +28,6 @@ FIELD_DTYPES: dict[str, tuple[np.dtype, tuple[np.dtype, ...], str]] = {
     "returns": _FLOAT, "action_mask": _MASK, "chosen": _INT, "rejected": _INT,
     "teacher_logprobs": _FLOAT,
 }
-ARRAY_FIELDS: tuple[str, ...] = tuple(FIELD_DTYPES)
-# Plain-object fields, in the order the wire formats keep them.
-META_FIELDS: tuple[str, ...] = ("truncate_status", "info", "metrics", "response_text",
-                                "prompt_text", "messages", "tools", "chosen_messages",
-                                "rejected_messages")
-
-
-# Suffixes only need to be unlikely to collide, not unpredictable: a private generator
-# (reseeded in forked children) costs half of os.urandom per experience.
-_suffixes = random.Random()
-os.register_at_fork(after_in_child=_suffixes.seed)
-
-
-def _new_suffix() -> str:
-    return f"{_suffixes.getrandbits(24):06x}"
 
 
 @dataclass(slots=True)
@@ -46,7 +38,7 @@ class EID:
     task: int | str = ""
     run: int = 0
     step: int = 0
-    suffix: str = field(default_factory=_new_suffix)
+    suffix: str = field(default_factory=new_suffix)  # C PRNG, reseeded after fork
 
     @property
     def uid(self) -> str:
@@ -118,63 +110,4 @@ def to_torch(array: np.ndarray):
         return torch.from_numpy(array)
 
 
-class Experience:
-    """One trajectory: prompt+response tokens, logprobs of the response, reward, ids.
-
-    Array fields are 1-D numpy arrays (or None); ``to_torch()`` gives zero-copy tensors."""
-
-    __slots__ = ("tokens", "prompt_length", "reward", "eid", *ARRAY_FIELDS[1:], *META_FIELDS)
-
-    def __init__(self, *, tokens: Any, prompt_length: int = 1, logprobs: Any = None,
-                 reward: float | None = None, token_level_reward: Any = None,
-                 advantages: Any = None, returns: Any = None, action_mask: Any = None,
-                 truncate_status: str | None = None, info: dict | None = None,
-                 metrics: dict | None = None, response_text: str | None = None,
-                 prompt_text: str | None = None, messages: list | None = None,
-                 tools: list | None = None, chosen: Any = None, rejected: Any = None,
-                 chosen_messages: list | None = None, rejected_messages: list | None = None,
-                 teacher_logprobs: Any = None, eid: EID | dict | None = None) -> None:
-        self.tokens = as_array(tokens, "tokens")
-        self.prompt_length = int(prompt_length)
-        self.reward = None if reward is None else float(reward)
-        self.truncate_status = truncate_status
-        self.info = {} if info is None else info
-        self.metrics = {} if metrics is None else metrics
-        self.response_text = response_text
-        self.prompt_text = prompt_text
-        self.messages = messages
-        self.tools = tools
-        self.chosen_messages = chosen_messages
-        self.rejected_messages = rejected_messages
-        self.logprobs = None if logprobs is None else as_array(logprobs, "logprobs")
-        self.token_level_reward = (None if token_level_reward is None
-                                   else as_array(token_level_reward, "token_level_reward"))
-        self.advantages = None if advantages is None else as_array(advantages, "advantages")
-        self.returns = None if returns is None else as_array(returns, "returns")
-        self.action_mask = None if action_mask is None else as_array(action_mask, "action_mask")
-        self.chosen = None if chosen is None else as_array(chosen, "chosen")
-        self.rejected = None if rejected is None else as_array(rejected, "rejected")
-        self.teacher_logprobs = (None if teacher_logprobs is None
-                                 else as_array(teacher_logprobs, "teacher_logprobs"))
-        if eid is None:
-            eid = EID()
-        elif isinstance(eid, dict):
-            eid = EID(**eid)
-        self.eid = eid
-
-    @classmethod
-    def _from_parts(cls, fields: dict[str, Any]) -> Experience:
-        """Build from already validated parts (decoders): no conversion, views stay views."""
-        exp = cls.__new__(cls)
-        for name in cls.__slots__:
-            setattr(exp, name, fields.get(name))
-        return exp
-
-    def to_torch(self) -> dict[str, Any]:
-        """The array fields that are set, as tensors sharing memory with the numpy arrays."""
-        return {name: to_torch(value) for name in ARRAY_FIELDS
-                if (value := getattr(self, name)) is not None}
-
-    def __repr__(self) -> str:
-        return (f"Experience(eid={self.eid.uid!r}, tokens={len(self.tokens)}, "
-                f"prompt_length={self.prompt_length}, reward={self.reward})")
+bind(eid_type=EID, as_array=as_array, to_torch=to_torch, field_dtypes=FIELD_DTYPES)

@@ -1,0 +1,54 @@
+"""Stub of the compiled Experience and EID suffix generator (native/experience.pyx)."""
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+ARRAY_FIELDS: Final[tuple[str, ...]]
+META_FIELDS: Final[tuple[str, ...]]
+FIELDS: Final[tuple[str, ...]]
+
+def reseed() -> None: ...
+def new_suffix() -> str: ...
+def bind(*, eid_type: type, as_array: Callable[[Any, str], np.ndarray],
+         to_torch: Callable[[np.ndarray], Any],
+         field_dtypes: dict[str, tuple[np.dtype, tuple[np.dtype, ...], str]]) -> None: ...
+def _unpickle(cls: type[Experience], values: Iterable[Any]) -> Experience: ...
+
+class Experience:
+    tokens: npt.NDArray[Any]
+    prompt_length: int
+    reward: float | None
+    eid: Any  # fastrollout.experience.model.EID
+    logprobs: npt.NDArray[Any] | None
+    token_level_reward: npt.NDArray[Any] | None
+    advantages: npt.NDArray[Any] | None
+    returns: npt.NDArray[Any] | None
+    action_mask: npt.NDArray[np.bool_] | None
+    chosen: npt.NDArray[Any] | None
+    rejected: npt.NDArray[Any] | None
+    teacher_logprobs: npt.NDArray[Any] | None
+    truncate_status: str | None
+    info: dict[str, Any]
+    metrics: dict[str, Any]
+    response_text: str | None
+    prompt_text: str | None
+    messages: list | None
+    tools: list | None
+    chosen_messages: list | None
+    rejected_messages: list | None
+
+    def __init__(self, *, tokens: Any, prompt_length: int = 1, logprobs: Any = None,
+                 reward: float | None = None, token_level_reward: Any = None,
+                 advantages: Any = None, returns: Any = None, action_mask: Any = None,
+                 truncate_status: str | None = None, info: dict | None = None,
+                 metrics: dict | None = None, response_text: str | None = None,
+                 prompt_text: str | None = None, messages: list | None = None,
+                 tools: list | None = None, chosen: Any = None, rejected: Any = None,
+                 chosen_messages: list | None = None, rejected_messages: list | None = None,
+                 teacher_logprobs: Any = None, eid: Any = None) -> None: ...
+    @classmethod
+    def _from_parts(cls, fields: dict[str, Any]) -> Experience: ...
+    def to_torch(self) -> dict[str, Any]: ...
+    def __reduce__(self) -> tuple[Any, ...]: ...
