@@ -13,7 +13,7 @@ import torch
 from benchmarks.trinity_ref import trinity_module
 from fastrollout import EID, Experience
 from fastrollout.compat.trinity import decode_trxp, encode_trxp
-from fastrollout.experience import decode_experiences, encode_experiences
+from fastrollout.experience import ExperienceBatch, decode_experiences, encode_experiences
 
 T = trinity_module("common/experience.py")
 N, PROMPT, RESPONSE = 1024, 256, 768
@@ -86,3 +86,47 @@ def test_encode_trxp_fastrollout(benchmark, data):
 def test_encode_trinity_serialize_many(benchmark, data):
     benchmark.extra_info["payload_bytes"] = len(data["trxp"])
     benchmark(T.Experience.serialize_many, data["theirs"])
+
+
+# ---------------------------------------------------------------- pipeline packing
+# What the pipeline does every CHUNK staged experiences: 256 small experiences (8 int32
+# tokens, prompt_length 4, reward 1.0) into one columnar ExperienceBatch.
+PACK = 256
+
+
+@pytest.fixture(scope="module")
+def small():
+    return [Experience(tokens=np.arange(8, dtype=np.int32), prompt_length=4, reward=1.0,
+                       eid=EID(batch=3, task=i // 8, run=i % 8)) for i in range(PACK)]
+
+
+@pytest.mark.benchmark(group="pack 256 experiences")
+def test_pack_encode_decode_round_trip(benchmark, small):
+    assert len(benchmark(lambda: decode_experiences(encode_experiences(small)))) == PACK
+
+
+@pytest.mark.benchmark(group="pack 256 experiences")
+def test_pack_from_experiences(benchmark, small):
+    assert len(benchmark(ExperienceBatch.from_experiences, small)) == PACK
+
+
+# ---------------------------------------------------------------- construction
+# What a workflow does per sampled response (the coordinator benchmark builds 8 per task):
+# 8 int32 tokens kept without copy, prompt_length 4, reward 1.0, a fresh EID. A keyword
+# call as workflows write it (benchmark(Experience, **kw) would time the ** unpacking), with
+# 1000 calls per round so the timer's own cost does not swamp a sub-microsecond call.
+def _construct(benchmark, cls, tokens):
+    return benchmark.pedantic(lambda: cls(tokens=tokens, prompt_length=4, reward=1.0),
+                              rounds=200, iterations=1000, warmup_rounds=5)
+
+
+@pytest.mark.benchmark(group="construct one experience")
+def test_experience_construct(benchmark):
+    tokens = np.arange(8, dtype=np.int32)
+    exp = _construct(benchmark, Experience, tokens)
+    assert exp.tokens is tokens and len(exp.eid.suffix) == 6
+
+
+@pytest.mark.benchmark(group="construct one experience")
+def test_experience_construct_trinity(benchmark):
+    assert _construct(benchmark, T.Experience, torch.arange(8, dtype=torch.int32)).reward == 1.0

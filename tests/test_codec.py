@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastrollout import EID, Experience, PayloadError
+from fastrollout import EID, Experience, ExperienceBatch, PayloadError
 from fastrollout.experience import (decode_any, decode_experiences, decode_payloads,
                                     encode_experiences)
 from fastrollout.experience.model import ARRAY_FIELDS, FIELD_DTYPES, META_FIELDS
@@ -163,3 +163,125 @@ def test_fuzz_garbage(blob):
     for prefix in (b"", b"FRXP\x01\0\0\0", b"TRXP\x01"):
         with pytest.raises(PayloadError):
             decode_any(prefix + blob, index=1)
+
+
+# ---------------------------------------------------------------- columns without the codec
+
+def assert_same_batch(a, b):
+    """Two ExperienceBatches hold the same experiences in the same column layout."""
+    assert len(a) == len(b) and list(a.columns) == list(b.columns)
+    for name, col in a.columns.items():
+        other = b.columns[name]
+        assert col.dtype == other.dtype, name
+        assert np.array_equal(col.flat(), other.flat()), name
+        assert np.array_equal(col.offsets(), other.offsets()), name
+        assert (col.present is None) == (other.present is None), name
+        if col.present is not None:
+            assert np.array_equal(col.present, other.present), name
+    assert a.rewards.dtype == b.rewards.dtype
+    assert np.array_equal(a.rewards, b.rewards, equal_nan=True)
+    assert (a.reward_present is None) == (b.reward_present is None)
+    if a.reward_present is not None:
+        assert np.array_equal(a.reward_present, b.reward_present)
+    assert a.prompt_lengths.dtype == b.prompt_lengths.dtype
+    assert np.array_equal(a.prompt_lengths, b.prompt_lengths)
+    assert a.eids == b.eids
+    for name in META_FIELDS:
+        assert a.meta(name) == b.meta(name), name
+    for x, y in zip(a, b):                  # indexing: Experiences equal field by field
+        for name in ARRAY_FIELDS:
+            u, v = getattr(x, name), getattr(y, name)
+            assert (u is None) == (v is None), name
+            assert u is None or (u.dtype == v.dtype and np.array_equal(u, v)), name
+        for name in (*META_FIELDS, "prompt_length", "eid"):
+            assert getattr(x, name) == getattr(y, name), name
+        assert (x.reward is None) == (y.reward is None)
+        assert x.reward is None or np.array_equal(x.reward, y.reward, equal_nan=True)
+
+
+def _mixed_experiences():
+    exps = [full_experience(i, i % 3) for i in range(4)]          # dtypes differ per item
+    exps += [Experience(tokens=np.arange(3, dtype=np.int64), logprobs=[0.5]),
+             Experience(tokens=[1, 2], reward=1.0, action_mask=[1, 0]),
+             Experience(tokens=[], prompt_length=0, logprobs=[], reward=float("nan")),
+             Experience(tokens=[7])]
+    exps[1].reward = None
+    exps[2].tokens = [5, 6, 7]              # set after construction: converted as encode does
+    exps[7].advantages = np.array([1.5], dtype=">f8")
+    exps[3].returns = None
+    return exps
+
+
+def test_from_experiences_matches_the_codec_round_trip():
+    exps = _mixed_experiences()
+    direct = ExperienceBatch.from_experiences(exps)
+    assert_same_batch(direct, decode_experiences(encode_experiences(exps)))
+    assert direct.column("tokens").dtype == np.int64 and direct[2].tokens.tolist() == [5, 6, 7]
+    assert direct[7].advantages.tolist() == [1.5]      # big-endian input, native column
+    assert direct.column("teacher_logprobs").present.tolist() == [True] * 4 + [False] * 4
+    assert direct[6].reward != direct[6].reward and direct[1].reward is None  # NaN kept, None kept
+    both = ExperienceBatch.concat([direct, decode_experiences(encode_experiences(exps))])
+    assert_same_batch(both, ExperienceBatch.concat([direct, direct]))
+
+    trainer = [Experience(tokens=np.arange(5, dtype=np.int64), prompt_length=2,
+                          logprobs=[0.1, 0.2, 0.3], reward=1.0),
+               Experience(tokens=[1, 2, 3, 4], prompt_length=3, logprobs=[0.5],
+                          action_mask=[True])]
+    padded = ExperienceBatch.from_experiences(trainer).to_padded(pad_token_id=-1)
+    expected = decode_experiences(encode_experiences(trainer)).to_padded(pad_token_id=-1)
+    assert list(padded) == list(expected)
+    for key, value in expected.items():
+        assert padded[key].dtype == value.dtype, key
+        assert np.array_equal(padded[key], value, equal_nan=True), key
+
+
+def test_from_experiences_copies_arrays_and_keeps_metadata():
+    exps = [full_experience(i) for i in range(3)]
+    batch = ExperienceBatch.from_experiences(exps)
+    assert not np.shares_memory(batch.column("tokens").data, exps[0].tokens)
+    exps[0].tokens[:] = 0                   # the columns are a copy of the arrays
+    assert batch[0].tokens.tolist() == full_experience(0).tokens.tolist()
+    assert batch.meta("info")[1] is exps[1].info    # metadata is kept by reference
+    assert len(ExperienceBatch.from_experiences([])) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_from_experiences_matches_the_codec_round_trip_random(data):
+    n = data.draw(st.integers(1, 6), label="n")
+    exps = []
+    for i in range(n):
+        kw = {}
+        for name in ARRAY_FIELDS:
+            if name != "tokens" and not data.draw(st.booleans(), label=f"{i}.{name}?"):
+                continue
+            allowed = FIELD_DTYPES[name][1]
+            dtype = allowed[data.draw(st.integers(0, len(allowed) - 1), label=f"{i}.{name}")]
+            size = data.draw(st.integers(0, 5), label=f"{i}.{name} size")
+            kw[name] = np.arange(size).astype(dtype)
+        reward = data.draw(st.sampled_from([None, 0.5, float("nan")]), label=f"{i}.reward")
+        exps.append(Experience(**kw, reward=reward, prompt_length=i,
+                               info={"i": i} if i % 2 else None, eid=EID(task=i)))
+    assert_same_batch(ExperienceBatch.from_experiences(exps),
+                      decode_experiences(encode_experiences(exps)))
+
+
+def test_encode_writes_the_same_bytes_from_a_batch():
+    exps = _mixed_experiences()
+    payload = encode_experiences(exps)
+    assert encode_experiences(ExperienceBatch.from_experiences(exps)) == payload
+    assert encode_experiences(decode_experiences(payload)) == payload   # no Experience built
+
+
+@pytest.mark.parametrize("value, match", [
+    (np.zeros((2, 2), dtype=np.int32), "tokens must be 1-D"),
+    (np.array(5, dtype=np.int32), "tokens must be 1-D"),
+    (None, "experience 1 has no tokens"),
+])
+def test_from_experiences_and_encode_refuse_bad_arrays(value, match):
+    exps = [Experience(tokens=[1, 2]), Experience(tokens=[3])]
+    exps[1].tokens = value
+    with pytest.raises(ValueError, match=match):
+        ExperienceBatch.from_experiences(exps)
+    with pytest.raises(ValueError, match=match):
+        encode_experiences(exps)

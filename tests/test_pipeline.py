@@ -53,3 +53,31 @@ def test_discard_sink_counts_without_keeping():
     p.stage(1, exps(3))
     assert p.commit(1)["experience_pipeline/experience_count"] == 3.0
     assert p.take(1) is None
+
+
+def test_packed_batches_match_the_codec_round_trip_across_chunks():
+    from fastrollout.experience import decode_experiences, encode_experiences
+
+    def staged(i):
+        extra = {"logprobs": np.full(2, 0.5, np.float32)} if i % 3 else {}
+        if i % 5 == 0:
+            extra["action_mask"] = [True, False]
+        tokens = np.arange(4, dtype=np.int64 if i % 7 == 0 else np.int32)
+        return Experience(tokens=tokens, prompt_length=2, reward=None if i % 4 == 0 else 1.0,
+                          info={"i": i}, response_text=f"r{i}", **extra)
+    sent = [staged(i) for i in range(CHUNK + 13)]
+    p = pipeline()
+    for start in range(0, len(sent), 8):
+        p.stage(1, sent[start:start + 8])
+    p.commit(1)
+    batch, expected = p.take(1), decode_experiences(encode_experiences(sent))
+    assert len(batch) == len(expected) == len(sent)
+    for name, col in expected.columns.items():
+        got = batch.column(name)
+        assert got.dtype == col.dtype and np.array_equal(got.flat(), col.flat()), name
+        assert np.array_equal(got.offsets(), col.offsets()), name
+        assert np.array_equal(got.present, col.present), name
+    assert np.array_equal(batch.rewards, expected.rewards, equal_nan=True)
+    assert np.array_equal(batch.reward_present, expected.reward_present)
+    assert batch.meta("info") == expected.meta("info") and batch.eids == expected.eids
+    assert batch.meta("info")[3] is sent[3].info      # owned by the pipeline, not copied

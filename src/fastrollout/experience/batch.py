@@ -1,12 +1,15 @@
-"""ExperienceBatch: decoded experiences as columns (numpy views into the payload)."""
+"""ExperienceBatch: experiences as columns (views into a decoded payload, or built directly)."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
+from operator import attrgetter, countOf, is_not
+from types import NoneType
 from typing import Any
 
 import numpy as np
 
-from .model import ARRAY_FIELDS, EID, META_FIELDS, Experience, to_torch
+from .model import ARRAY_FIELDS, EID, FIELD_DTYPES, META_FIELDS, Experience, as_array, to_torch
 
 
 class ArrayColumn:
@@ -67,11 +70,49 @@ class ArrayColumn:
         return [self.data[a:b] for a, b in zip(self.starts.tolist(), self.stops.tolist())]
 
 
+_GET = {name: attrgetter(name) for name in (*ARRAY_FIELDS, "reward", "prompt_length")}
+_DTYPE = attrgetter("dtype")
+_KEPT = {name: frozenset(spec[1]) for name, spec in FIELD_DTYPES.items()}
+
+
+def _column_of(name: str, arrays: list) -> ArrayColumn | None:
+    """Field ``name`` of every experience (``arrays``, None where unset) as one contiguous
+    little-endian buffer of the dtype all items promote to; None when no item has it."""
+    n = len(arrays)
+    absent = countOf(map(type, arrays), NoneType)   # by type: == on an array is elementwise
+    if absent == n:
+        return None
+    values = [a for a in arrays if a is not None] if absent else arrays
+    # Experience keeps 1-D arrays of an allowed dtype; convert only what was set otherwise.
+    dtypes = (set(map(_DTYPE, values)) if countOf(map(type, values), np.ndarray) == len(values)
+              else None)
+    if dtypes is None or not dtypes <= _KEPT[name]:
+        values = [as_array(a, name) for a in values]
+        dtypes = set(map(_DTYPE, values))
+    try:
+        data = np.concatenate(values, dtype=np.result_type(*dtypes).newbyteorder("<"))
+    except ValueError:      # 0-d arrays, or arrays of different dimensions
+        data = None
+    if data is None or data.ndim != 1:
+        for a in values:
+            as_array(a, name)   # raises for the first array that is not 1-D, naming the field
+    lengths = np.fromiter(map(len, values), np.int64, len(values))
+    mask = None
+    if absent:
+        mask = np.fromiter(map(is_not, arrays, repeat(None)), np.bool_, n)
+        lengths, kept = np.zeros(n, dtype=np.int64), lengths
+        lengths[mask] = kept
+    offsets = np.zeros(n + 1, dtype="<i8")
+    np.cumsum(lengths, out=offsets[1:])
+    return ArrayColumn.from_offsets(data, offsets, mask)
+
+
 class ExperienceBatch(Sequence):
-    """A decoded payload: ``len``, indexing to ``Experience`` (views), and columns.
+    """Experiences as columns: ``len``, indexing to ``Experience`` (views), and columns.
 
     ``items`` are metadata records with the attributes ``eid`` (batch/task/run/step/suffix)
-    and the names in ``META_FIELDS``; ``columns`` maps array field names to ArrayColumn."""
+    and the names in ``META_FIELDS``: a decoder's wire records, or the Experience objects
+    themselves (``from_experiences``); ``columns`` maps array field names to ArrayColumn."""
 
     __slots__ = ("items", "columns", "rewards", "reward_present", "prompt_lengths")
 
@@ -82,6 +123,34 @@ class ExperienceBatch(Sequence):
         self.rewards = rewards                  # float64; NaN where the reward is None
         self.reward_present = reward_present    # None: every item has a reward
         self.prompt_lengths = prompt_lengths    # int64
+
+    @classmethod
+    def from_experiences(cls, exps: Iterable[Experience]) -> ExperienceBatch:
+        """Columns built straight from experiences: each array field is copied once into one
+        buffer, with the dtypes and layout that ``decode_experiences(encode_experiences(exps))``
+        gives. The experiences themselves become ``items``: their eid and metadata (info,
+        metrics, messages, ...) are kept by reference, not copied, so the batch owns them
+        from now on and they must not be modified."""
+        items = list(exps)
+        n = len(items)
+        columns = {}
+        for name in ARRAY_FIELDS:
+            col = _column_of(name, list(map(_GET[name], items)))
+            if col is not None:
+                columns[name] = col
+        tokens = columns.get("tokens")
+        if n and (tokens is None or tokens.present is not None):
+            i = 0 if tokens is None else int(np.argmin(tokens.present))
+            raise ValueError(f"experience {i} has no tokens; every experience needs them")
+        rewards = np.fromiter(map(_GET["reward"], items), "<f8", n)    # None becomes NaN
+        reward_present = None
+        if np.isnan(rewards).any():                     # a None, or a NaN reward
+            reward_present = np.fromiter(map(is_not, map(_GET["reward"], items), repeat(None)),
+                                         np.bool_, n)
+            if reward_present.all():
+                reward_present = None
+        plens = np.fromiter(map(_GET["prompt_length"], items), "<i8", n)
+        return cls(items, columns, rewards, reward_present, plens)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import PayloadError
 from .batch import ArrayColumn, ExperienceBatch
-from .model import ARRAY_FIELDS, FIELD_DTYPES, Experience, as_array
+from .model import FIELD_DTYPES, Experience
 
 MAGIC = b"FRXP"
 VERSION = 1
@@ -111,10 +111,10 @@ def read_prefix(payload: Any, prefix: struct.Struct, magic: bytes, version: int,
     return view, fields[2:]
 
 
-def encode_experiences(exps: Iterable[Experience]) -> bytes:
-    """Serialize experiences (or an ExperienceBatch) into one FRXP payload."""
-    exps = list(exps)
-    n = len(exps)
+def encode_experiences(exps: Iterable[Experience] | ExperienceBatch) -> bytes:
+    """Serialize experiences (or an ExperienceBatch, without building Experience objects)
+    into one FRXP payload. The columns are ``ExperienceBatch.from_experiences``'s."""
+    batch = exps if isinstance(exps, ExperienceBatch) else ExperienceBatch.from_experiences(exps)
     body: list[Any] = []
     size = 0
     columns: list[WireColumn] = []
@@ -130,32 +130,26 @@ def encode_experiences(exps: Iterable[Experience]) -> bytes:
             size += pad
         return at
 
-    for name in ARRAY_FIELDS:
-        arrays = [None if (a := getattr(e, name)) is None else as_array(a, name) for e in exps]
-        values = [a for a in arrays if a is not None]
-        if not values:
-            continue
-        dtype = np.result_type(*{a.dtype for a in values}).newbyteorder("<")
-        data = np.concatenate(values, dtype=dtype)
-        offsets = np.zeros(n + 1, dtype="<i8")
-        np.cumsum([0 if a is None else len(a) for a in arrays], out=offsets[1:])
-        present = -1
-        if len(values) != n:
-            present = put(np.array([a is not None for a in arrays], dtype=np.uint8))
-        columns.append(WireColumn(name, dtype.str, put(data), data.nbytes, put(offsets),
-                                  present))
-    rewards = np.array([np.nan if e.reward is None else e.reward for e in exps], dtype="<f8")
-    has_reward = [e.reward is not None for e in exps]
-    present = -1 if all(has_reward) else put(np.array(has_reward, dtype=np.uint8))
+    def put_present(present: np.ndarray | None) -> int:
+        return -1 if present is None else put(present.view(np.uint8))
+
+    for name, col in batch.columns.items():
+        data = col.flat()
+        data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+        present = put_present(col.present)
+        columns.append(WireColumn(name, data.dtype.str, put(data), data.nbytes,
+                                  put(col.offsets()), present))
+    present = put_present(batch.reward_present)
+    rewards = batch.rewards.astype("<f8", copy=False)
     columns.append(WireColumn("reward", "<f8", put(rewards), rewards.nbytes, -1, present))
-    plens = np.array([e.prompt_length for e in exps], dtype="<i8")
+    plens = batch.prompt_lengths.astype("<i8", copy=False)
     columns.append(WireColumn("prompt_length", "<i8", put(plens), plens.nbytes, -1, -1))
 
     items = [WireItem(WireEID(e.eid.batch, e.eid.task, e.eid.run, e.eid.step, e.eid.suffix),
                       e.info, e.metrics, e.response_text, e.prompt_text, e.truncate_status,
                       e.messages, e.tools, e.chosen_messages, e.rejected_messages)
-             for e in exps]
-    header = _encoder.encode(WireHeader(n, columns, items))
+             for e in batch.items]
+    header = _encoder.encode(WireHeader(len(batch), columns, items))
     head = _PREFIX.pack(MAGIC, VERSION, b"\0\0\0", len(header))
     pad = -(len(head) + len(header)) % _ALIGN
     return b"".join([head, header, b"\0" * pad, *body])
