@@ -81,3 +81,21 @@ def test_packed_batches_match_the_codec_round_trip_across_chunks():
     assert np.array_equal(batch.reward_present, expected.reward_present)
     assert batch.meta("info") == expected.meta("info") and batch.eids == expected.eids
     assert batch.meta("info")[3] is sent[3].info      # owned by the pipeline, not copied
+
+
+def test_packed_chunks_keep_neither_the_experiences_nor_their_arrays():
+    # The columns hold copies; holding the originals too would double the memory of every
+    # buffered batch until the trainer takes it.
+    import gc
+    import weakref
+
+    p = pipeline()
+    batch = exps(CHUNK)
+    originals = [weakref.ref(e.tokens) for e in batch]
+    p.stage(1, batch)
+    del batch
+    gc.collect()
+    assert not any(ref() is not None for ref in originals)
+    p.commit(1)
+    taken = p.take(1)
+    assert len(taken) == CHUNK and int(taken[5].tokens[0]) == 5

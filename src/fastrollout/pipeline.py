@@ -7,9 +7,9 @@ instead decodes every task's payload at finalize, which is where its finalize
 latency goes. The trainer side takes a finalized batch with ``take()``; its chunks
 are joined then, with one copy.
 
-Staged experiences belong to the pipeline: the packed batches keep the Experience
-objects as their items (eid and metadata by reference), so callers must not modify
-an experience, its arrays or its info/metrics after handing it to ``stage()``.
+Staged experiences belong to the pipeline: the packed batches keep their metadata
+(info, metrics, messages) by reference, so callers must not modify an experience after
+handing it to ``stage()``.
 """
 from __future__ import annotations
 

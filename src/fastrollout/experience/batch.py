@@ -7,6 +7,7 @@ from operator import attrgetter, countOf, is_not
 from types import NoneType
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from .model import ARRAY_FIELDS, EID, FIELD_DTYPES, META_FIELDS, Experience, as_array, to_torch
@@ -70,6 +71,30 @@ class ArrayColumn:
         return [self.data[a:b] for a, b in zip(self.starts.tolist(), self.stops.tolist())]
 
 
+class WireEID(msgspec.Struct, array_like=True, gc=False):
+    batch: int | str
+    task: int | str
+    run: int
+    step: int
+    suffix: str
+
+
+class WireItem(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
+    """Per-experience metadata, an ExperienceBatch's item and its wire form: the fields most
+    often unset come last (omitted). Not tracked by the GC (its dicts are)."""
+
+    eid: WireEID
+    info: dict = {}
+    metrics: dict = {}
+    response_text: str | None = None
+    prompt_text: str | None = None
+    truncate_status: str | None = None
+    messages: list | None = None
+    tools: list | None = None
+    chosen_messages: list | None = None
+    rejected_messages: list | None = None
+
+
 _GET = {name: attrgetter(name) for name in (*ARRAY_FIELDS, "reward", "prompt_length")}
 _DTYPE = attrgetter("dtype")
 _KEPT = {name: frozenset(spec[1]) for name, spec in FIELD_DTYPES.items()}
@@ -110,9 +135,8 @@ def _column_of(name: str, arrays: list) -> ArrayColumn | None:
 class ExperienceBatch(Sequence):
     """Experiences as columns: ``len``, indexing to ``Experience`` (views), and columns.
 
-    ``items`` are metadata records with the attributes ``eid`` (batch/task/run/step/suffix)
-    and the names in ``META_FIELDS``: a decoder's wire records, or the Experience objects
-    themselves (``from_experiences``); ``columns`` maps array field names to ArrayColumn."""
+    ``items`` are ``WireItem`` metadata records (``eid`` with batch/task/run/step/suffix, and
+    the names in ``META_FIELDS``); ``columns`` maps array field names to ArrayColumn."""
 
     __slots__ = ("items", "columns", "rewards", "reward_present", "prompt_lengths")
 
@@ -128,28 +152,32 @@ class ExperienceBatch(Sequence):
     def from_experiences(cls, exps: Iterable[Experience]) -> ExperienceBatch:
         """Columns built straight from experiences: each array field is copied once into one
         buffer, with the dtypes and layout that ``decode_experiences(encode_experiences(exps))``
-        gives. The experiences themselves become ``items``: their eid and metadata (info,
-        metrics, messages, ...) are kept by reference, not copied, so the batch owns them
-        from now on and they must not be modified."""
-        items = list(exps)
-        n = len(items)
+        gives. The items' metadata (info, metrics, messages, ...) is kept by reference, not
+        copied: the batch owns it from now on and it must not be modified. The experiences
+        themselves are not kept (nor, through them, their original arrays)."""
+        exps = list(exps)
+        n = len(exps)
         columns = {}
         for name in ARRAY_FIELDS:
-            col = _column_of(name, list(map(_GET[name], items)))
+            col = _column_of(name, list(map(_GET[name], exps)))
             if col is not None:
                 columns[name] = col
         tokens = columns.get("tokens")
         if n and (tokens is None or tokens.present is not None):
             i = 0 if tokens is None else int(np.argmin(tokens.present))
             raise ValueError(f"experience {i} has no tokens; every experience needs them")
-        rewards = np.fromiter(map(_GET["reward"], items), "<f8", n)    # None becomes NaN
+        rewards = np.fromiter(map(_GET["reward"], exps), "<f8", n)    # None becomes NaN
         reward_present = None
         if np.isnan(rewards).any():                     # a None, or a NaN reward
-            reward_present = np.fromiter(map(is_not, map(_GET["reward"], items), repeat(None)),
+            reward_present = np.fromiter(map(is_not, map(_GET["reward"], exps), repeat(None)),
                                          np.bool_, n)
             if reward_present.all():
                 reward_present = None
-        plens = np.fromiter(map(_GET["prompt_length"], items), "<i8", n)
+        plens = np.fromiter(map(_GET["prompt_length"], exps), "<i8", n)
+        items = [WireItem(WireEID(eid.batch, eid.task, eid.run, eid.step, eid.suffix), e.info,
+                          e.metrics, e.response_text, e.prompt_text, e.truncate_status,
+                          e.messages, e.tools, e.chosen_messages, e.rejected_messages)
+                 for e in exps for eid in (e.eid,)]
         return cls(items, columns, rewards, reward_present, plens)
 
     def __len__(self) -> int:

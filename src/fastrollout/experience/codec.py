@@ -20,36 +20,13 @@ import msgspec
 import numpy as np
 
 from ..errors import PayloadError
-from .batch import ArrayColumn, ExperienceBatch
+from .batch import ArrayColumn, ExperienceBatch, WireEID, WireItem
 from .model import FIELD_DTYPES, Experience
 
 MAGIC = b"FRXP"
 VERSION = 1
 _PREFIX = struct.Struct("<4sB3sQ")
 _ALIGN = 8
-
-
-class WireEID(msgspec.Struct, array_like=True, gc=False):
-    batch: int | str
-    task: int | str
-    run: int
-    step: int
-    suffix: str
-
-
-class WireItem(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
-    """Per-experience metadata; the fields most often unset come last (omitted)."""
-
-    eid: WireEID
-    info: dict = {}
-    metrics: dict = {}
-    response_text: str | None = None
-    prompt_text: str | None = None
-    truncate_status: str | None = None
-    messages: list | None = None
-    tools: list | None = None
-    chosen_messages: list | None = None
-    rejected_messages: list | None = None
 
 
 class WireColumn(msgspec.Struct, array_like=True, gc=False):
@@ -145,11 +122,7 @@ def encode_experiences(exps: Iterable[Experience] | ExperienceBatch) -> bytes:
     plens = batch.prompt_lengths.astype("<i8", copy=False)
     columns.append(WireColumn("prompt_length", "<i8", put(plens), plens.nbytes, -1, -1))
 
-    items = [WireItem(WireEID(e.eid.batch, e.eid.task, e.eid.run, e.eid.step, e.eid.suffix),
-                      e.info, e.metrics, e.response_text, e.prompt_text, e.truncate_status,
-                      e.messages, e.tools, e.chosen_messages, e.rejected_messages)
-             for e in batch.items]
-    header = _encoder.encode(WireHeader(len(batch), columns, items))
+    header = _encoder.encode(WireHeader(len(batch), columns, batch.items))
     head = _PREFIX.pack(MAGIC, VERSION, b"\0\0\0", len(header))
     pad = -(len(head) + len(header)) % _ALIGN
     return b"".join([head, header, b"\0" * pad, *body])
