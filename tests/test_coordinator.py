@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from fastrollout import (BatchLifecycleState, Config, EngineDeadError, GenerationConfig,
-                         RolloutCoordinator, Task)
+                         RolloutCoordinator, Task, Workflow)
 from fastrollout.engines import SimulatedEngine
 
 from workflows import (CALLS, AsyncWorkflow, RepeatWorkflow, ResettableWorkflow, StubbornWorkflow,
@@ -372,6 +372,40 @@ async def test_a_slow_task_after_many_fast_ones_times_out_on_its_own_deadline():
         assert loop.time() - start < 2
         assert all(state.statuses[i].ok for i in range(51))
         assert not state.statuses[51].ok and "Timeout (0.3 s)" in state.statuses[51].message
+
+
+class _AbortFails(SimulatedEngine):
+    async def abort(self, request_ids):
+        raise RuntimeError("abort refused")
+
+
+class _LeavesRequest(Workflow):
+    """Returns while a request it started is still in flight (the runner must abort it)."""
+
+    is_async = True
+    started: list = []
+
+    async def run_async(self):
+        self.started.append(asyncio.ensure_future(self.model.generate_async(["hi"])))
+        await asyncio.sleep(0)      # the request is now in flight
+        return []
+
+
+async def test_an_error_outside_the_workflow_reaches_finalize_with_ids():
+    # The runner's clean-up abort raises: not the workflow's fault, so not a failed run;
+    # finalize must get the error, naming batch and task, instead of waiting for the task.
+    async with Harness(make_config(), [_AbortFails(hang_rate=1.0)]) as coord:
+        try:
+            await coord.submit_batch(batch_id=0, tasks=tasks(1, _LeavesRequest),
+                                     batch_type="train")
+            with pytest.raises(RuntimeError, match="internal error while finishing task 0 of "
+                                                   "batch 0.*abort refused"):
+                await coord.finalize_train_batch(0, timeout=5)
+        finally:
+            for request in _LeavesRequest.started:
+                request.cancel()
+            await asyncio.gather(*_LeavesRequest.started, return_exceptions=True)
+            _LeavesRequest.started.clear()
 
 
 async def test_timed_out_run_aborts_its_engine_request():

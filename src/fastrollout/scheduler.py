@@ -260,22 +260,31 @@ class Scheduler:
                         self._engine_died(slot.engine_index, sub, error)
                         self.dispatch()
                     return
+                except Exception as exc:    # raised outside the workflow (e.g. an abort)
+                    if sub.slot is not None:
+                        self._release(sub)
+                        self._internal_error(sub, exc)
+                        self.dispatch()
+                    return
                 if sub.slot is None:
                     return      # cancel_batch took this sub-task (and this worker) away
                 self._detach(sub)
                 try:
                     self._account(sub, outcome)
                 except Exception as exc:
-                    rec = sub.record
-                    self._on_fatal(RuntimeError(
-                        f"internal error while finishing task {rec.task_id} of batch "
-                        f"{rec.batch.batch_id}: {exc!r}").with_traceback(exc.__traceback__))
+                    self._internal_error(sub, exc)
                 sub = self._follow(slot, worker)
                 if sub is None:
                     return
                 streak += 1
         finally:
             timer.close()
+
+    def _internal_error(self, sub: SubTask, exc: Exception) -> None:
+        rec = sub.record
+        self._on_fatal(RuntimeError(
+            f"internal error while finishing task {rec.task_id} of batch "
+            f"{rec.batch.batch_id}: {exc!r}").with_traceback(exc.__traceback__))
 
     def _run(self, sub: SubTask, timer: AttemptTimer) -> Coroutine[Any, Any, Outcome]:
         record = sub.record
