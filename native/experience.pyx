@@ -34,10 +34,6 @@ META_FIELDS = ("truncate_status", "info", "metrics", "response_text", "prompt_te
                "messages", "tools", "chosen_messages", "rejected_messages")
 FIELDS = ("tokens", "prompt_length", "reward", "eid", *ARRAY_FIELDS[1:], *META_FIELDS)
 
-# Indexes into ARRAY_FIELDS and _kept.
-cdef enum:
-    F_TOKENS, F_LOGPROBS, F_TOKEN_LEVEL_REWARD, F_ADVANTAGES, F_RETURNS, F_ACTION_MASK,
-    F_CHOSEN, F_REJECTED, F_TEACHER_LOGPROBS, N_ARRAY_FIELDS
 
 
 # ---------------------------------------------------------------- EID suffixes
@@ -147,15 +143,18 @@ cdef int _bind_model() except -1:
     return 0
 
 
+cdef bint kept_as_is(object value, int field) noexcept:
+    if not cnp.PyArray_CheckExact(value):
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>value
+    cdef int num = cnp.PyArray_TYPE(a)
+    return (cnp.PyArray_NDIM(a) == 1 and 0 <= num < 64 and (_kept[field] >> num) & 1
+            and cnp.PyArray_ISNOTSWAPPED(a))
+
+
 cdef inline object _array(object value, int field):
     """``as_array(value, ARRAY_FIELDS[field])``, without the call when value is kept as is."""
-    cdef int num
-    if cnp.PyArray_CheckExact(value):
-        num = cnp.PyArray_TYPE(<cnp.ndarray>value)
-        if (cnp.PyArray_NDIM(<cnp.ndarray>value) == 1 and 0 <= num < 64
-                and (_kept[field] >> num) & 1 and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>value)):
-            return value
-    return _as_array(value, ARRAY_FIELDS[field])
+    return value if kept_as_is(value, field) else _as_array(value, ARRAY_FIELDS[field])
 
 
 cdef inline int _set_field(exp, Py_ssize_t i, value) except -1:

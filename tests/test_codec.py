@@ -1,5 +1,6 @@
 """FRXP codec: round trips, zero-copy proofs, and refusal of bad payloads (with fuzzing)."""
 import struct
+import types
 
 import msgspec
 import numpy as np
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 from fastrollout import EID, Experience, ExperienceBatch, PayloadError
 from fastrollout.experience import (decode_any, decode_experiences, decode_payloads,
                                     encode_experiences)
-from fastrollout.experience.model import ARRAY_FIELDS, FIELD_DTYPES, META_FIELDS
+from fastrollout.experience.batch import ArrayColumn, WireEID, WireItem
+from fastrollout.experience.model import ARRAY_FIELDS, FIELD_DTYPES, FIELDS, META_FIELDS, as_array
 
 from fuzzing import mutated
 
@@ -285,3 +287,143 @@ def test_from_experiences_and_encode_refuse_bad_arrays(value, match):
         ExperienceBatch.from_experiences(exps)
     with pytest.raises(ValueError, match=match):
         encode_experiences(exps)
+
+
+# ---------------------------------------------------------------- the compiled packer
+# encode_experiences packs with from_experiences too, so the round trip above cannot catch a
+# packing bug both share: here the packer is checked against the rules spelled out slowly.
+
+def reference_batch(exps):
+    """What ExperienceBatch.from_experiences must give, one plain step at a time."""
+    n = len(exps)
+    columns = {}
+    for name in ARRAY_FIELDS:
+        values = [getattr(e, name) for e in exps]
+        present = np.array([v is not None for v in values], dtype=np.bool_)
+        if not present.any():
+            continue
+        arrays = [as_array(v, name) for v in values if v is not None]
+        dtype = np.result_type(*[a.dtype for a in arrays]).newbyteorder("<")
+        lengths = np.zeros(n, dtype=np.int64)
+        lengths[present] = [len(a) for a in arrays]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
+        columns[name] = ArrayColumn.from_offsets(np.concatenate(arrays).astype(dtype), offsets,
+                                                 None if present.all() else present)
+    rewards = [e.reward for e in exps]
+    reward_present = np.array([r is not None for r in rewards], dtype=np.bool_)
+    items = [WireItem(WireEID(*(getattr(e.eid, f) for f in WireEID.__struct_fields__)),
+                      **{name: getattr(e, name) for name in META_FIELDS}) for e in exps]
+    return ExperienceBatch(items, columns,
+                           np.array([np.nan if r is None else r for r in rewards], "<f8"),
+                           None if reward_present.all() else reward_present,
+                           np.array([e.prompt_length for e in exps], "<i8"))
+
+
+class Tagged(Experience):
+    """A subclass of Experience with state of its own: packed from the same C slots."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.tag = "t"
+
+
+class Duck:
+    """Every field of an Experience, but not one: packed by attribute name."""
+
+    def __init__(self, exp, drop=None):
+        for name in FIELDS:
+            if name != drop:
+                setattr(self, name, getattr(exp, name))
+        self.eid = types.SimpleNamespace(**exp.eid.to_dict())
+
+
+class Sub(np.ndarray):
+    """An ndarray subclass: converted by as_array's rules, copied by np.concatenate."""
+
+
+def variant(kind, size, dtype):
+    """An array field's value as a workflow might leave it after construction."""
+    base = (np.arange(size) % 2 if dtype.kind == "b" else np.arange(size)).astype(dtype)
+    return {"kept": base, "list": base.tolist(), "swapped": base.astype(dtype.newbyteorder(">")),
+            "strided": np.repeat(base, 2)[::2], "sub": base.view(Sub)}[kind]
+
+
+VARIANTS = ("kept", "list", "swapped", "strided", "sub")
+
+
+def build(item, fields, **kw):
+    """An Experience ("exp"), a Tagged ("sub") or a Duck ("duck") with ``fields`` set."""
+    exp = (Tagged if item == "sub" else Experience)(tokens=[0], **kw)
+    for name, value in fields.items():
+        setattr(exp, name, value)
+    return Duck(exp) if item == "duck" else exp
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_from_experiences_matches_the_reference_for_each_kind_of_array(kind):
+    # Items of each class, dtypes varying per item, each field but tokens absent from some.
+    exps = []
+    for i, item in enumerate(["exp", "sub", "duck", "exp", "exp", "sub"]):
+        fields = {}
+        for name in ARRAY_FIELDS:
+            if name == "tokens" or (i + len(name)) % 3:
+                allowed = FIELD_DTYPES[name][1]
+                fields[name] = variant(kind, 2 + i % 3, allowed[i % len(allowed)])
+        exps.append(build(item, fields, reward=None if i == 2 else 0.5, prompt_length=i,
+                          info={"i": i}))
+    batch = ExperienceBatch.from_experiences(exps)
+    assert_same_batch(batch, reference_batch(exps))
+    assert_same_batch(batch, decode_experiences(encode_experiences(exps)))
+    assert_same_batch(batch, ExperienceBatch.from_experiences(iter(exps)))  # any iterable
+    assert batch.meta("info")[1] is exps[1].info and len(batch.column("tokens")) == 6
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_from_experiences_matches_the_reference_random(data):
+    exps = []
+    for i in range(data.draw(st.integers(1, 6), label="n")):
+        fields = {}
+        for name in ARRAY_FIELDS:
+            if name != "tokens" and not data.draw(st.booleans(), label=f"{i}.{name}?"):
+                continue
+            allowed = FIELD_DTYPES[name][1]
+            dtype = allowed[data.draw(st.integers(0, len(allowed) - 1), label=f"{i}.{name}")]
+            fields[name] = variant(data.draw(st.sampled_from(VARIANTS), label=f"{i}.{name} kind"),
+                                   data.draw(st.integers(0, 4), label=f"{i}.{name} size"), dtype)
+        exp = build(data.draw(st.sampled_from(["exp", "sub", "duck"]), label=f"{i} item"), fields,
+                    eid=EID(batch="b", task=i))
+        exp.reward = data.draw(st.sampled_from([None, 0.5, float("nan"), 2, np.float32(0.1)]),
+                               label=f"{i}.reward")
+        exp.prompt_length = data.draw(st.sampled_from([i, np.int64(3), True]), label=f"{i}.plen")
+        exps.append(exp)
+    assert_same_batch(ExperienceBatch.from_experiences(exps), reference_batch(exps))
+
+
+def test_from_experiences_reads_eids_of_any_class():
+    class Later(EID):
+        pass
+
+    exps = [Experience(tokens=[1], eid=EID(batch=1, task="t", run=2, step=3, suffix="abcdef")),
+            Experience(tokens=[2], eid=Later(batch="b", suffix="x")),
+            Experience(tokens=[3])]
+    exps[2].eid = types.SimpleNamespace(batch=0, task=1, run=2, step=4, suffix="s")
+    assert ExperienceBatch.from_experiences(exps).eids == [
+        EID(1, "t", 2, 3, "abcdef"), EID("b", "", 0, 0, "x"), EID(0, 1, 2, 4, "s")]
+
+
+@pytest.mark.parametrize("item, error, match", [
+    (object(), TypeError, r"experience 1 \(object\) has no field 'tokens'; expected an Experience"),
+    (Duck(Experience(tokens=[1]), drop="rejected_messages"), TypeError,
+     r"experience 1 \(Duck\) has no field 'rejected_messages'"),
+    (Duck(Experience(tokens=[1]), drop="reward"), TypeError, r"\(Duck\) has no field 'reward'"),
+    (build("sub", {"tokens": np.zeros((1, 2), np.int64)}), ValueError, "tokens must be 1-D"),
+    (build("exp", {"logprobs": ["x"]}), ValueError, "logprobs must hold float32 values"),
+    (build("exp", {"prompt_length": 2 ** 70}), OverflowError, "too large"),
+    (build("exp", {"prompt_length": "x"}), ValueError, "invalid literal"),
+    (build("exp", {"reward": "x"}), ValueError, "could not convert"),
+])
+def test_from_experiences_refuses_bad_items(item, error, match):
+    with pytest.raises(error, match=match):
+        ExperienceBatch.from_experiences([Experience(tokens=[1, 2]), item])
+

@@ -7,3 +7,12 @@ cdef class Experience:
     cdef public object chosen, rejected, teacher_logprobs
     cdef public object truncate_status, info, metrics, response_text, prompt_text
     cdef public object messages, tools, chosen_messages, rejected_messages
+
+# Indexes into ARRAY_FIELDS.
+cdef enum:
+    F_TOKENS, F_LOGPROBS, F_TOKEN_LEVEL_REWARD, F_ADVANTAGES, F_RETURNS, F_ACTION_MASK,
+    F_CHOSEN, F_REJECTED, F_TEACHER_LOGPROBS, N_ARRAY_FIELDS
+
+# ``value`` is what Experience keeps for ARRAY_FIELDS[field] without conversion: an exact
+# 1-D native-endian ndarray of a dtype that field keeps.
+cdef bint kept_as_is(object value, int field) noexcept

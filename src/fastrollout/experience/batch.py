@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import repeat
-from operator import attrgetter, countOf, is_not
-from types import NoneType
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from .model import ARRAY_FIELDS, EID, FIELD_DTYPES, META_FIELDS, Experience, as_array, to_torch
+from .._native.pack import bind, pack
+from .model import ARRAY_FIELDS, EID, META_FIELDS, Experience, as_array, to_torch
 
 
 class ArrayColumn:
@@ -95,43 +93,6 @@ class WireItem(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
     rejected_messages: list | None = None
 
 
-_GET = {name: attrgetter(name) for name in (*ARRAY_FIELDS, "reward", "prompt_length")}
-_DTYPE = attrgetter("dtype")
-_KEPT = {name: frozenset(spec[1]) for name, spec in FIELD_DTYPES.items()}
-
-
-def _column_of(name: str, arrays: list) -> ArrayColumn | None:
-    """Field ``name`` of every experience (``arrays``, None where unset) as one contiguous
-    little-endian buffer of the dtype all items promote to; None when no item has it."""
-    n = len(arrays)
-    absent = countOf(map(type, arrays), NoneType)   # by type: == on an array is elementwise
-    if absent == n:
-        return None
-    values = [a for a in arrays if a is not None] if absent else arrays
-    # Experience keeps 1-D arrays of an allowed dtype; convert only what was set otherwise.
-    dtypes = (set(map(_DTYPE, values)) if countOf(map(type, values), np.ndarray) == len(values)
-              else None)
-    if dtypes is None or not dtypes <= _KEPT[name]:
-        values = [as_array(a, name) for a in values]
-        dtypes = set(map(_DTYPE, values))
-    try:
-        data = np.concatenate(values, dtype=np.result_type(*dtypes).newbyteorder("<"))
-    except ValueError:      # 0-d arrays, or arrays of different dimensions
-        data = None
-    if data is None or data.ndim != 1:
-        for a in values:
-            as_array(a, name)   # raises for the first array that is not 1-D, naming the field
-    lengths = np.fromiter(map(len, values), np.int64, len(values))
-    mask = None
-    if absent:
-        mask = np.fromiter(map(is_not, arrays, repeat(None)), np.bool_, n)
-        lengths, kept = np.zeros(n, dtype=np.int64), lengths
-        lengths[mask] = kept
-    offsets = np.zeros(n + 1, dtype="<i8")
-    np.cumsum(lengths, out=offsets[1:])
-    return ArrayColumn.from_offsets(data, offsets, mask)
-
-
 class ExperienceBatch(Sequence):
     """Experiences as columns: ``len``, indexing to ``Experience`` (views), and columns.
 
@@ -155,30 +116,7 @@ class ExperienceBatch(Sequence):
         gives. The items' metadata (info, metrics, messages, ...) is kept by reference, not
         copied: the batch owns it from now on and it must not be modified. The experiences
         themselves are not kept (nor, through them, their original arrays)."""
-        exps = list(exps)
-        n = len(exps)
-        columns = {}
-        for name in ARRAY_FIELDS:
-            col = _column_of(name, list(map(_GET[name], exps)))
-            if col is not None:
-                columns[name] = col
-        tokens = columns.get("tokens")
-        if n and (tokens is None or tokens.present is not None):
-            i = 0 if tokens is None else int(np.argmin(tokens.present))
-            raise ValueError(f"experience {i} has no tokens; every experience needs them")
-        rewards = np.fromiter(map(_GET["reward"], exps), "<f8", n)    # None becomes NaN
-        reward_present = None
-        if np.isnan(rewards).any():                     # a None, or a NaN reward
-            reward_present = np.fromiter(map(is_not, map(_GET["reward"], exps), repeat(None)),
-                                         np.bool_, n)
-            if reward_present.all():
-                reward_present = None
-        plens = np.fromiter(map(_GET["prompt_length"], exps), "<i8", n)
-        items = [WireItem(WireEID(eid.batch, eid.task, eid.run, eid.step, eid.suffix), e.info,
-                          e.metrics, e.response_text, e.prompt_text, e.truncate_status,
-                          e.messages, e.tools, e.chosen_messages, e.rejected_messages)
-                 for e in exps for eid in (e.eid,)]
-        return cls(items, columns, rewards, reward_present, plens)
+        return cls(*pack(exps))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -320,3 +258,7 @@ class ExperienceBatch(Sequence):
 
     def __repr__(self) -> str:
         return f"ExperienceBatch({len(self)} experiences, columns={list(self.columns)})"
+
+
+bind(as_array=as_array, column_type=ArrayColumn.from_offsets,
+     item_type=WireItem, eid_type=WireEID, eid_class=EID)
