@@ -320,6 +320,10 @@ class Scheduler:
         if state == TASK_DONE or state == TASK_FAILED:
             record.finished = True
             record.batch.on_task_done(record)
+            # Booked: what only a running task needs goes, so that a large batch's finished
+            # tasks hold (and give the GC to walk) as little as possible.
+            record.task = None
+            record.metrics = ()
 
     def _engine_died(self, engine_index: int, sub: SubTask, error: EngineDeadError) -> None:
         if engine_index not in self._dead:
