@@ -297,3 +297,11 @@ def test_metric_tally_matches_batch_aggregation():
     for v in (1.0, float("nan"), 2.0):
         nan_tally.add({"x": v})
     assert all(math.isnan(v) for v in nan_tally.summary("p").values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(dicts=metric_dicts(max_rows=1), is_eval=st.booleans())
+def test_one_run_fast_path_matches_trinity(dicts, is_eval):
+    # One run's dict mostly skips the grouping machinery; the numbers must not change.
+    ours = M.calculate_task_level_metrics(dicts, is_eval, bootstrap="trinity")
+    assert_same(ours, reference(T.calculate_task_level_metrics, dicts, is_eval))
