@@ -10,6 +10,7 @@ from fastrollout import (BatchLifecycleState, Config, EngineDeadError, Generatio
                          RolloutCoordinator, Task, Workflow)
 from fastrollout.engines import SimulatedEngine
 
+from loopticks import LoopTicks
 from workflows import (CALLS, AsyncWorkflow, RepeatWorkflow, ResettableWorkflow, StubbornWorkflow,
                        SyncWorkflow)
 
@@ -336,26 +337,13 @@ async def test_load_aware_dispatch_across_engines():
 
 async def test_workflows_that_never_suspend_do_not_hold_the_loop():
     # One slot runs every task back to back in one worker; it must still let others run.
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    async with Harness(make_config(runner_per_model=1)) as coord:
-        side = asyncio.create_task(ticker())
-        try:
-            await coord.submit_batch(batch_id=0, tasks=tasks(640, AsyncWorkflow), batch_type="train")
-            before = ticks
-            result = await coord.finalize_train_batch(0, timeout=30)
-            during = ticks - before
-        finally:
-            side.cancel()
-            await asyncio.gather(side, return_exceptions=True)
-        assert result["finished_task_count"] == 640
-        assert during >= 20     # the worker yields every few tasks (here ~40 times)
+    async with Harness(make_config(runner_per_model=1)) as coord, LoopTicks() as ticks:
+        await coord.submit_batch(batch_id=0, tasks=tasks(640, AsyncWorkflow), batch_type="train")
+        before = ticks.count
+        result = await coord.finalize_train_batch(0, timeout=30)
+        during = ticks.count - before
+    assert result["finished_task_count"] == 640
+    assert during >= 20     # the worker yields every few tasks (here ~40 times)
 
 
 async def test_a_slow_task_after_many_fast_ones_times_out_on_its_own_deadline():

@@ -10,6 +10,8 @@ import pytest
 from fastrollout import EngineError, GenerationConfig
 from fastrollout.engines import ModelClient, SimulatedEngine
 
+from loopticks import LoopTicks
+
 
 def _client(engine, **args):
     return ModelClient(engine, loop=asyncio.get_running_loop(),
@@ -100,13 +102,6 @@ async def test_sync_calls_from_a_thread_bridge_to_the_loop_without_blocking_it()
     engine = SimulatedEngine(ttft=0.01, output_len=4)
     client = _client(engine, max_tokens=8)
     loop = asyncio.get_running_loop()
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
 
     def workflow():
         assert threading.current_thread() is not threading.main_thread()
@@ -114,14 +109,10 @@ async def test_sync_calls_from_a_thread_bridge_to_the_loop_without_blocking_it()
         chat = client.chat([{"role": "user", "content": "hi"}])
         return gen, chat, client.model_version
 
-    tick_task = asyncio.ensure_future(ticker())
-    try:
+    async with LoopTicks() as ticks:
         gen, chat, version = await loop.run_in_executor(None, workflow)
-    finally:
-        tick_task.cancel()
-        await asyncio.gather(tick_task, return_exceptions=True)
     assert len(gen) == 2 and len(chat) == 1 and version == 0
-    assert ticks > 1                      # the loop kept running while the thread waited
+    assert ticks.count > 1                # the loop kept running while the thread waited
     assert await client.model_version_async == 0
 
 
