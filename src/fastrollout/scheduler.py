@@ -2,8 +2,10 @@
 
 Work is dispatched the moment it is queued or a slot frees up. Batches are served
 in priority order (int n, then "n/...", then other strings; FIFO inside a batch),
-onto the least-loaded live engine. Every task lives in a slot of the native status
-table; completions update it and hand finished tasks to the coordinator at once.
+onto the least-loaded live engine. A busy slot has one worker task, which runs its
+sub-task and then the next queued ones while there are any, so a sub-task costs no
+task of its own. Every task lives in a slot of the native status table; completions
+update it and hand finished tasks to the coordinator at once.
 """
 from __future__ import annotations
 
