@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from fastrollout import (BatchLifecycleState, Config, EngineDeadError, GenerationConfig,
+from fastrollout import (BatchLifecycleState, Config, EngineDeadError,
                          RolloutCoordinator, Task, Workflow)
 from fastrollout.engines import SimulatedEngine
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from benchmarks.bench_status_table import DictStatusTable
 from fastrollout._native import status
-from fastrollout._native.status import (STATE_NAMES, TASK_CANCELLED, TASK_DONE, TASK_FAILED,
+from fastrollout._native.status import (STATE_NAMES, TASK_DONE, TASK_FAILED,
                                         TASK_FREE, TASK_PENDING, TASK_RUNNING, StatusError,
                                         StatusTable)
 from fastrollout.errors import FastRolloutError

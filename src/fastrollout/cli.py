@@ -6,7 +6,6 @@ workflow) or the one described by ``--config``, and prints each step's metrics.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
