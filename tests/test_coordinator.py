@@ -346,6 +346,20 @@ async def test_workflows_that_never_suspend_do_not_hold_the_loop():
     assert during >= 20     # the worker yields every few tasks (here ~40 times)
 
 
+async def test_attempt_timers_outlive_workers_and_go_at_shutdown():
+    # Cancelling every worker's loop timer as a batch ends would delay the finalize waiting
+    # for it (measured: ~50 us with 64 slots), so a slot keeps its timer for its next worker.
+    harness = Harness(make_config(runner_per_model=4))
+    async with harness as coord:
+        scheduler = coord._scheduler
+        await coord.submit_batch(batch_id=0, tasks=tasks(20, AsyncWorkflow), batch_type="train")
+        await coord.finalize_train_batch(0, timeout=5)
+        timers = [slot.timer for slot in scheduler._slots]
+        assert all(t is not None and t.task is None and t.handle is not None for t in timers)
+    assert all(slot.timer is None for slot in scheduler._slots)
+    assert all(t.handle is None for t in timers)
+
+
 async def test_a_slow_task_after_many_fast_ones_times_out_on_its_own_deadline():
     # The worker's timer is armed by the first fast attempt and re-armed lazily; the slow
     # task must get its full max_timeout, measured from its own start.

@@ -132,6 +132,7 @@ class RolloutCoordinator:
         for state in list(self.pending_batches.values()):
             waits += self._close_unfinished(state, keep_partial=False)
             self._conclude(state, BatchLifecycleState.ABORTED, {})
+        scheduler.close()
         self._scheduler = None
         await self._settle(waits)
         self._pool.close()

@@ -32,7 +32,7 @@ RunResult = tuple[bool, list, list, str | None]
 class Slot:
     """A place to run one sub-task at a time, bound to one engine (and auxiliary engines)."""
 
-    __slots__ = ("index", "engine_index", "engine", "aux_engines", "workflow")
+    __slots__ = ("index", "engine_index", "engine", "aux_engines", "workflow", "timer")
 
     def __init__(self, index: int, engine_index: int, engine: InferenceModel,
                  aux_engines: list[InferenceModel]) -> None:
@@ -41,22 +41,28 @@ class Slot:
         self.engine = engine
         self.aux_engines = aux_engines
         self.workflow: Workflow | None = None   # kept for reuse by resettable workflows
+        # The attempt timer of the slot's workers; it outlives them (see AttemptTimer).
+        self.timer: AttemptTimer | None = None
 
 
 class AttemptTimer:
-    """Per-attempt timeouts of one worker task with at most one loop timer, re-armed lazily.
+    """Per-attempt timeouts of a slot's worker tasks with at most one loop timer, re-armed
+    lazily.
 
     A worker runs attempt after attempt; arming and cancelling a loop timer for each
     (what ``asyncio.timeout`` does) costs more than a fast attempt itself. Here a
     timer armed for an earlier deadline stays armed: when it fires it either expires
-    the attempt in flight or re-arms for that attempt's own deadline.
+    the attempt in flight or re-arms for that attempt's own deadline. It also stays
+    armed when a worker ends (``task`` None): the slot's next worker takes it over, and
+    cancelling the loop timers of every worker at the end of a batch would delay the
+    wake-up of the finalize waiting for that batch.
     """
 
     __slots__ = ("loop", "task", "deadline", "armed_at", "handle", "active", "expired")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task | None = None) -> None:
         self.loop = loop
-        self.task = task
+        self.task = task        # the worker running attempts now
         self.deadline = self.armed_at = 0.0
         self.handle: asyncio.TimerHandle | None = None
         self.active = self.expired = False
@@ -80,7 +86,7 @@ class AttemptTimer:
         return False
 
     def close(self) -> None:
-        """The worker is done: no timer left behind."""
+        """No more attempts: no loop timer left behind."""
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None

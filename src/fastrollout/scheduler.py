@@ -129,11 +129,12 @@ class Scheduler:
         self._on_fatal = on_fatal
         # Slot i is bound to engine i % E and to auxiliary engine i % len(aux[j]), as in Trinity.
         per_engine = config.runner_per_model
+        self._slots = [Slot(i, i % len(engines), engines[i % len(engines)],
+                            [models[i % len(models)] for models in auxiliary])
+                       for i in range(per_engine * len(engines))]
         self._free: list[list[Slot]] = [[] for _ in engines]
-        for i in range(per_engine * len(engines)):
-            e = i % len(engines)
-            aux = [models[i % len(models)] for models in auxiliary]
-            self._free[e].append(Slot(i, e, engines[e], aux))
+        for slot in self._slots:
+            self._free[slot.engine_index].append(slot)
         self._dead: set[int] = set()
         self._order: list[tuple] = []              # priority keys of batches with queued work
         self._queued: dict[tuple, BatchRun] = {}
@@ -239,7 +240,11 @@ class Scheduler:
         there are any. One task per busy slot, not per sub-task: creating, scheduling and
         finishing a task per sub-task costs more than a fast workflow run."""
         worker = asyncio.current_task()
-        timer = AttemptTimer(self._loop, worker)
+        home = sub.slot
+        timer = home.timer
+        if timer is None:
+            timer = home.timer = AttemptTimer(self._loop)
+        timer.task = worker
         streak = 0
         try:
             while True:
@@ -280,7 +285,10 @@ class Scheduler:
                     return
                 streak += 1
         finally:
-            timer.close()
+            if home.timer is timer:
+                timer.task = None       # left armed for the slot's next worker
+            else:
+                timer.close()           # this worker was detached from its slot
 
     def _internal_error(self, sub: SubTask, exc: Exception) -> None:
         rec = sub.record
@@ -360,6 +368,7 @@ class Scheduler:
             waits.extend(asyncio.ensure_future(c.abort_all()) for c in sub.clients)
             sub.handle.cancel()
             waits.append(sub.handle)
+            sub.slot.timer = None       # the cancelled worker keeps its own; the next gets one
             self._release(sub)
         partial = [r for r in batch.records if not r.finished and r.completed_runs > 0]
         for record in batch.records:
@@ -371,6 +380,13 @@ class Scheduler:
         if not record.finished:
             record.finished = True
             self.table.cancel(record.row)
+
+    def close(self) -> None:
+        """The coordinator shuts down: no attempt timer is left on the loop."""
+        for slot in self._slots:
+            if slot.timer is not None:
+                slot.timer.close()
+                slot.timer = None
 
     def release_batch(self, batch: BatchRun) -> None:
         """Forget a batch that is finalized or aborted. Its table rows go back on the next
