@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
@@ -246,19 +247,31 @@ class RolloutCoordinator:
         """Wait until ``target`` tasks of the batch are booked; False at the timeout."""
         if len(state.statuses) >= target:
             return True
+        # The deadline only wakes the waiter (cheaper than asyncio.timeout on the path
+        # between the last task and finalize returning).
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            state._wake.set()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        timer = loop.call_at(deadline, expire) if math.isfinite(deadline) else None
         state._target = target
-        state._wake.clear()
         try:
-            async with asyncio.timeout(timeout):
-                while len(state.statuses) < target and self._fatal is None \
-                        and state.state not in _DONE:
-                    await state._wake.wait()
-                    state._wake.clear()
+            while len(state.statuses) < target and self._fatal is None \
+                    and state.state not in _DONE:
+                if expired:
+                    return False
+                state._wake.clear()
+                await state._wake.wait()
             return True
-        except TimeoutError:
-            return False
         finally:
             state._target = None
+            if timer is not None:
+                timer.cancel()
 
     async def _finalize(self, state: BatchState, timeout: float | None) -> dict:
         async with state.finalize_lock:
