@@ -360,6 +360,25 @@ async def test_attempt_timers_outlive_workers_and_go_at_shutdown():
     assert all(t.handle is None for t in timers)
 
 
+async def test_a_finished_batch_leaves_no_cyclic_garbage():
+    # Reference counting alone must free a released batch: cyclic garbage waits for a full
+    # collection, which walks every object of the process (a trainer's included).
+    import gc
+
+    async with Harness() as coord:
+        gc.collect()
+        gc.disable()
+        try:
+            await coord.submit_batch(batch_id=0, tasks=tasks(300, AsyncWorkflow), batch_type="train")
+            await coord.finalize_train_batch(0, timeout=5)
+            assert len(coord.take_experiences(0)) == 300
+            await asyncio.sleep(0)      # the batch is dropped on the next loop iteration
+            garbage = gc.collect()
+        finally:
+            gc.enable()
+    assert garbage < 50, garbage     # 1,819 when records kept their batch
+
+
 async def test_a_slow_task_after_many_fast_ones_times_out_on_its_own_deadline():
     # The worker's timer is armed by the first fast attempt and re-armed lazily; the slow
     # task must get its full max_timeout, measured from its own start.

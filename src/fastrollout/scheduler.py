@@ -389,6 +389,14 @@ class Scheduler:
                 slot.timer = None
 
     def release_batch(self, batch: BatchRun) -> None:
-        """Forget a batch that is finalized or aborted. Its table rows go back on the next
-        loop iteration: nothing reads them any more, and a finalize need not wait for it."""
-        self._loop.call_soon(self.table.drop_batch, batch.bslot)
+        """Forget a batch that is finalized or aborted. Its table rows and records go on the
+        next loop iteration: nothing reads them any more, and a finalize need not wait for it."""
+        self._loop.call_soon(self._drop, batch)
+
+    def _drop(self, batch: BatchRun) -> None:
+        self.table.drop_batch(batch.bslot)
+        # Records point back at their batch, and on_task_done at the coordinator's batch
+        # state: unlinked, a batch is freed by reference counting at once instead of being
+        # left to a full collection, which walks every object of the process.
+        batch.records = []
+        batch.on_task_done = None
