@@ -99,6 +99,23 @@ async def test_errors_match_trinity_wording():
         await coord.finalize_train_batch(0)
 
 
+async def test_bad_tasks_are_refused_at_submission_naming_them():
+    # Queued tasks are only looked at when they start, so submission checks them first.
+    async with Harness() as coord:
+        with pytest.raises(TypeError, match=r"task 1 of batch 3: expected a fastrollout.Task, "
+                                            r"got dict"):
+            await coord.submit_batch(batch_id=3, tasks=tasks(1) + [{"prompt": "x"}],
+                                     batch_type="train")
+        bad = tasks(2)
+        bad[1].repeat_times = 0
+        with pytest.raises(ValueError, match=r"task 1 of batch 3: repeat_times must be a "
+                                             r"positive int, got 0"):
+            await coord.submit_batch(batch_id=3, tasks=bad, batch_type="train")
+        assert 3 not in coord.pending_batches
+        await coord.submit_batch(batch_id=3, tasks=tasks(2), batch_type="train")
+        assert (await coord.finalize_train_batch(3, timeout=5))["finished_task_count"] == 2
+
+
 async def test_empty_batch_finalizes_at_once():
     async with Harness() as coord:
         await coord.submit_batch(batch_id=0, tasks=[], batch_type="train")

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,12 +22,13 @@ from .metrics import MetricTally
 from .pipeline import ExperiencePipeline
 from .runner import Runner
 from .scheduler import BatchRun, Scheduler, TaskRecord
+from .task import Task
 from .threads import WorkerPool
 
 if TYPE_CHECKING:
     from .engines.base import InferenceModel
     from .experience import ExperienceBatch
-    from .task import Status, Task
+    from .task import Status
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,21 @@ def _freeze_startup_heap() -> None:
         _heap_frozen = True
         gc.collect()
         gc.freeze()
+
+
+def _check_tasks(batch_id: BatchId, tasks: list) -> None:
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Task):
+            raise TypeError(f"task {i} of batch {batch_id}: expected a fastrollout.Task, "
+                            f"got {type(task).__name__}")
+        repeat = task.repeat_times
+        try:
+            ok = not isinstance(repeat, bool) and operator.index(repeat) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"task {i} of batch {batch_id}: repeat_times must be a positive "
+                             f"int, got {repeat!r}")
 
 
 class RolloutCoordinator:
@@ -156,6 +173,8 @@ class RolloutCoordinator:
         existing = self.pending_batches.get(batch_id)
         if existing is not None and existing.state not in _DONE:
             raise ValueError(f"Batch {batch_id} is already active.")
+        tasks = list(tasks)
+        _check_tasks(batch_id, tasks)   # now: a queued task is only looked at when it starts
         state = BatchState(batch_id=batch_id, batch_type=batch_type,
                            expected_task_count=len(tasks), min_wait_num=min_wait_num)
         state._run = scheduler.new_batch(batch_id, batch_type == "eval",

@@ -44,8 +44,8 @@ def batch_priority(batch_id: int | str) -> tuple:
 
 
 class TaskRecord:
-    """One task of a batch: its sub-tasks' tally. Kept small while queued (the caller's
-    Task is only copied when the task starts), since a batch may queue 100k of them."""
+    """One started task of a batch: its sub-tasks' tally, from its first sub-task's start
+    until it is booked."""
 
     __slots__ = ("source", "task_id", "task", "row", "batch", "completed_runs", "metrics",
                  "experiences", "first_error", "finished")
@@ -99,19 +99,45 @@ class SubTask:
         self.clients: list = []         # model clients of the attempt in flight
 
 
-class BatchRun:
-    """The scheduler's side of one batch: its queue, its running sub-tasks, its records."""
+class BatchQueue:
+    """A batch's queued sub-tasks. A task becomes a record and sub-tasks only when it is
+    reached: until then it is a slot in the caller's list. Records made at submission
+    would live, and be walked by every full collection of the GC, as long as they wait.
+    FIFO: all sub-tasks of task i before those of task i + 1 (the scheduler reaches tasks)."""
 
-    __slots__ = ("batch_id", "is_eval", "bslot", "queue", "running", "records", "on_task_done")
+    __slots__ = ("tasks", "next", "ready")
+
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+        self.next = 0                       # the first task not reached yet
+        self.ready: deque[SubTask] = deque()  # sub-tasks of reached tasks, and requeued ones
+
+    def __bool__(self) -> bool:
+        return bool(self.ready) or self.next < len(self.tasks)
+
+    def appendleft(self, sub: SubTask) -> None:
+        self.ready.appendleft(sub)
+
+    def clear(self) -> None:
+        self.ready.clear()
+        self.next = len(self.tasks)
+
+
+class BatchRun:
+    """The scheduler's side of one batch: its queue, its running sub-tasks, and the records
+    of its started, unfinished tasks (a record goes as soon as its task is booked)."""
+
+    __slots__ = ("batch_id", "is_eval", "bslot", "queue", "running", "unfinished",
+                 "on_task_done")
 
     def __init__(self, batch_id: int | str, is_eval: bool, bslot: int,
                  on_task_done: Callable[[TaskRecord], None]) -> None:
         self.batch_id = batch_id
         self.is_eval = is_eval
         self.bslot = bslot
-        self.queue: deque[SubTask] = deque()
+        self.queue = BatchQueue()
         self.running: set[SubTask] = set()
-        self.records: list[TaskRecord] = []
+        self.unfinished: dict[int, TaskRecord] = {}     # by task id, in submission order
         self.on_task_done = on_task_done
 
 
@@ -151,17 +177,18 @@ class Scheduler:
 
     def submit(self, batch: BatchRun, tasks: list[Task]) -> None:
         """Queue ``tasks`` (task_id = index in this call) and dispatch at once."""
-        k = self.config.max_repeat_times_per_runner
-        table = self.table
-        for i, task in enumerate(tasks):
-            repeat = task.repeat_times
-            bases = range(0, repeat, k) if k else (0,)
-            record = TaskRecord(task, i, table.add_task(batch.bslot, repeat, len(bases)), batch)
-            batch.records.append(record)
-            for base in bases:
-                batch.queue.append(SubTask(record, min(k, repeat - base) if k else repeat, base))
+        batch.queue.tasks = list(tasks)
         self._enqueue(batch)
         self.dispatch()
+
+    def _reach(self, batch: BatchRun, i: int, task: Task) -> list[SubTask]:
+        """Task ``i`` of ``batch`` is next to run: its record, row and sub-tasks."""
+        k = self.config.max_repeat_times_per_runner
+        repeat = task.repeat_times
+        bases = range(0, repeat, k) if k else (0,)
+        record = TaskRecord(task, i, self.table.add_task(batch.bslot, repeat, len(bases)), batch)
+        batch.unfinished[i] = record
+        return [SubTask(record, min(k, repeat - base) if k else repeat, base) for base in bases]
 
     def _enqueue(self, batch: BatchRun) -> None:
         key = batch_priority(batch.batch_id)
@@ -193,8 +220,15 @@ class Scheduler:
     def _pop(self) -> SubTask:
         key = self._order[0]
         batch = self._queued[key]
-        sub = batch.queue.popleft()
-        if not batch.queue:
+        queue = batch.queue
+        if queue.ready:
+            sub = queue.ready.popleft()
+        else:
+            i = queue.next
+            queue.next = i + 1
+            sub, *rest = self._reach(batch, i, queue.tasks[i])
+            queue.ready.extend(rest)
+        if not queue:
             del self._queued[key]
             self._order.pop(0)
         return sub
@@ -329,11 +363,11 @@ class Scheduler:
         state = self.table.finish_subtask(record.row, completed, outcome.total_runs - completed)
         if state == TASK_DONE or state == TASK_FAILED:
             record.finished = True
-            record.batch.on_task_done(record)
-            # Booked: what only a running task needs goes, so that a large batch's finished
-            # tasks hold (and give the GC to walk) as little as possible.
-            record.task = None
-            record.metrics = ()
+            batch = record.batch
+            batch.on_task_done(record)
+            # Booked: the record goes, so that a large batch's finished tasks hold (and give
+            # the GC to walk) as little as possible.
+            del batch.unfinished[record.task_id]
 
     def _engine_died(self, engine_index: int, sub: SubTask, error: EngineDeadError) -> None:
         if engine_index not in self._dead:
@@ -370,8 +404,8 @@ class Scheduler:
             waits.append(sub.handle)
             sub.slot.timer = None       # the cancelled worker keeps its own; the next gets one
             self._release(sub)
-        partial = [r for r in batch.records if not r.finished and r.completed_runs > 0]
-        for record in batch.records:
+        partial = [r for r in batch.unfinished.values() if not r.finished and r.completed_runs > 0]
+        for record in batch.unfinished.values():
             self._cancel_record(record)
         self.dispatch()
         return partial, waits
@@ -395,8 +429,8 @@ class Scheduler:
 
     def _drop(self, batch: BatchRun) -> None:
         self.table.drop_batch(batch.bslot)
-        # Records point back at their batch, and on_task_done at the coordinator's batch
-        # state: unlinked, a batch is freed by reference counting at once instead of being
-        # left to a full collection, which walks every object of the process.
-        batch.records = []
+        # Unfinished tasks' records point back at their batch, and on_task_done at the
+        # coordinator's batch state: unlinked, a batch is freed by reference counting at once
+        # instead of being left to a full collection, which walks every object of the process.
+        batch.unfinished = {}
         batch.on_task_done = None
