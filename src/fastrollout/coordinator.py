@@ -174,7 +174,7 @@ class RolloutCoordinator:
         if existing is not None and existing.state not in _DONE:
             raise ValueError(f"Batch {batch_id} is already active.")
         tasks = list(tasks)
-        _check_tasks(batch_id, tasks)   # now: a queued task is only looked at when it starts
+        _check_tasks(batch_id, tasks)   # the scheduler reads a task only when it starts
         state = BatchState(batch_id=batch_id, batch_type=batch_type,
                            expected_task_count=len(tasks), min_wait_num=min_wait_num)
         state._run = scheduler.new_batch(batch_id, batch_type == "eval",

@@ -428,9 +428,9 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
 
 def _single_run_metrics(metric_dict: Mapping[str, Any], is_eval: bool) -> dict[str, float] | None:
     """What the general path gives for one run's dict, without grouping: each value reduced
-    alone. None when that does not hold: two keys
-    share a group, or an eval task has a mean key that is not a time (it gets ``mean@1``...).
-    A task whose runs report only timings, or any train task of one run, takes this path."""
+    alone. None when that does not hold: two keys share a group, or an eval task has a mean
+    key that is not a time (it gets ``mean@1``...). A task whose runs report only timings,
+    or any train task of one run, takes this path."""
     out: dict[str, float] = {}
     for key, value in metric_dict.items():
         if not isinstance(value, _NUMERIC):

@@ -47,12 +47,14 @@ class TaskRecord:
     """One started task of a batch: its sub-tasks' tally, from its first sub-task's start
     until it is booked."""
 
-    __slots__ = ("source", "task_id", "task", "row", "batch", "completed_runs", "metrics",
-                 "experiences", "first_error", "finished")
+    __slots__ = ("source", "task_id", "task", "row", "batch", "is_eval", "completed_runs",
+                 "metrics", "experiences", "first_error", "finished")
 
     def __init__(self, source: Task, task_id: int, row: int, batch: BatchRun) -> None:
         self.source = source
         self.task_id = task_id
+        # Eval tasks keep no experiences, get max_timeout and do not feed the dynamic one.
+        self.is_eval = batch.is_eval or source.is_eval
         self.task: Task | None = None   # ``source`` with batch_id / task_id set, once started
         self.row = row                  # slot in the status table
         self.batch = batch
@@ -114,6 +116,18 @@ class BatchQueue:
 
     def __bool__(self) -> bool:
         return bool(self.ready) or self.next < len(self.tasks)
+
+    def popleft(self, reach: Callable[[BatchRun, int, Task], list[SubTask]],
+                batch: BatchRun) -> SubTask:
+        """The next sub-task; ``reach(batch, i, task)`` makes those of the next task when
+        none is ready."""
+        if self.ready:
+            return self.ready.popleft()
+        i = self.next
+        self.next = i + 1
+        sub, *rest = reach(batch, i, self.tasks[i])
+        self.ready.extend(rest)
+        return sub
 
     def appendleft(self, sub: SubTask) -> None:
         self.ready.appendleft(sub)
@@ -221,13 +235,7 @@ class Scheduler:
         key = self._order[0]
         batch = self._queued[key]
         queue = batch.queue
-        if queue.ready:
-            sub = queue.ready.popleft()
-        else:
-            i = queue.next
-            queue.next = i + 1
-            sub, *rest = self._reach(batch, i, queue.tasks[i])
-            queue.ready.extend(rest)
+        sub = queue.popleft(self._reach, batch)
         if not queue:
             del self._queued[key]
             self._order.pop(0)
@@ -282,7 +290,6 @@ class Scheduler:
         streak = 0
         try:
             while True:
-                slot = sub.slot
                 try:
                     if streak == _STREAK:
                         # Workflows that never suspend would otherwise hold the loop
@@ -298,7 +305,7 @@ class Scheduler:
                 except EngineDeadError as error:
                     if sub.slot is not None:
                         self._detach(sub)
-                        self._engine_died(slot.engine_index, sub, error)
+                        self._engine_died(home.engine_index, sub, error)
                         self.dispatch()
                     return
                 except Exception as exc:    # raised outside the workflow (e.g. an abort)
@@ -314,7 +321,7 @@ class Scheduler:
                     self._account(sub, outcome)
                 except Exception as exc:
                     self._internal_error(sub, exc)
-                sub = self._follow(slot, worker)
+                sub = self._follow(home, worker)
                 if sub is None:
                     return
                 streak += 1
@@ -332,19 +339,17 @@ class Scheduler:
 
     def _run(self, sub: SubTask, timer: AttemptTimer) -> Coroutine[Any, Any, Outcome]:
         record = sub.record
-        task = record.view(sub.repeat_times)
-        is_eval = record.batch.is_eval or task.is_eval
-        timeout = self.config.max_timeout if is_eval else self.timeout()
+        timeout = self.config.max_timeout if record.is_eval else self.timeout()
         return self.runner.run_with_retry(
-            task, sub.repeat_times, sub.run_id_base, sub.slot, timeout,
-            self.config.over_rollout.return_partial_tasks, not is_eval, sub.clients, timer)
+            record.view(sub.repeat_times), sub.repeat_times, sub.run_id_base, sub.slot, timeout,
+            self.config.over_rollout.return_partial_tasks, not record.is_eval, sub.clients,
+            timer)
 
     # -- completion ---------------------------------------------------------------------------
 
     def _account(self, sub: SubTask, outcome: Outcome) -> None:
         record = sub.record
-        if not (record.batch.is_eval or record.source.is_eval):
-            # eval tasks neither feed nor obey the dynamic timeout
+        if not record.is_eval:
             self.train_time += outcome.elapsed
             self.train_subtasks += 1
         completed = outcome.completed_runs

@@ -15,7 +15,7 @@ def derive(obj: _T, **changes: Any) -> _T:
     """A shallow copy of a Task or GenerationConfig with ``changes`` applied.
 
     ``dataclasses.replace`` re-runs ``__init__`` and costs ~10x more; the scheduler copies
-    every task it queues, so this path matters. Field names are not checked.
+    every task it starts, so this path matters. Field names are not checked.
     """
     new = object.__new__(type(obj))
     fields = obj.__dict__.copy()
