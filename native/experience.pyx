@@ -81,7 +81,9 @@ cdef tuple _field_slots = ()     # Experience's attribute descriptors, in FIELDS
 cdef object _as_array = None
 cdef object _to_torch = None
 cdef object _eid_type = None
-# EID's slot descriptors, and per field its default or (None) its default factory.
+# EID's field names and slot descriptors, and per field its default or (None) its default
+# factory, in the dataclass's field order.
+cdef tuple _eid_names = ()
 cdef tuple _eid_slots = ()
 cdef tuple _eid_defaults = ()
 cdef tuple _eid_factories = ()
@@ -93,7 +95,7 @@ def bind(*, eid_type, as_array, to_torch, field_dtypes):
     """Hand in what ``fastrollout.experience.model`` owns: the ``EID`` class, the conversion
     ``as_array(value, name)``, ``to_torch(array)`` and ``FIELD_DTYPES``, whose kept dtypes
     decide the fast path. Called once, when that module is imported."""
-    global _as_array, _to_torch, _eid_type, _eid_slots, _eid_defaults, _eid_factories
+    global _as_array, _to_torch, _eid_type, _eid_names, _eid_slots, _eid_defaults, _eid_factories
     if set(field_dtypes) != set(ARRAY_FIELDS):
         raise ValueError(f"field_dtypes must have exactly the keys {ARRAY_FIELDS}, "
                          f"got {tuple(field_dtypes)}")
@@ -112,6 +114,7 @@ def bind(*, eid_type, as_array, to_torch, field_dtypes):
                        for f in fields)):
         raise TypeError(f"{eid_type.__qualname__} must be a dataclass(slots=True) without "
                         f"__post_init__ whose fields all have defaults")
+    _eid_names = tuple(f.name for f in fields)
     _eid_slots = slots
     _eid_defaults = tuple(None if f.default is dataclasses.MISSING else f.default
                           for f in fields)
@@ -129,6 +132,13 @@ cdef object _new_eid():
         factory = _eid_factories[i]
         Py_TYPE(slot).tp_descr_set(slot, eid, _eid_defaults[i] if factory is None else factory())
     return eid
+
+
+cdef object eid_field(object eid, Py_ssize_t i):
+    if type(eid) is not _eid_type:
+        return getattr(eid, _eid_names[i])
+    slot = _eid_slots[i]
+    return Py_TYPE(slot).tp_descr_get(slot, eid, _eid_type)
 
 
 cdef object _bare(type cls):

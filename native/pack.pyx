@@ -14,7 +14,6 @@ decoders fill); other items (duck-typed objects, Trinity's Experience) by attrib
 cimport numpy as cnp
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
-from cpython.object cimport Py_TYPE
 from libc.math cimport NAN
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
@@ -22,9 +21,8 @@ from libc.string cimport memcpy
 from fastrollout._native.experience cimport (Experience, F_ACTION_MASK, F_ADVANTAGES, F_CHOSEN,
                                               F_LOGPROBS, F_REJECTED, F_RETURNS,
                                               F_TEACHER_LOGPROBS, F_TOKEN_LEVEL_REWARD,
-                                              F_TOKENS, N_ARRAY_FIELDS, kept_as_is)
-
-import types
+                                              F_TOKENS, N_ARRAY_FIELDS, eid_field,
+                                              kept_as_is)
 
 import numpy as np
 
@@ -43,24 +41,14 @@ cdef object _as_array = None
 cdef object _column_type = None
 cdef object _item_type = None
 cdef object _eid_type = None
-# The EID dataclass and its slot descriptors in WireEID's field order: reading an EID's
-# fields through them skips five attribute lookups per experience.
-cdef type _eid_class = None
-cdef tuple _eid_slots = ()
-_EID_FIELDS = ("batch", "task", "run", "step", "suffix")
 
 
-def bind(*, as_array, column_type, item_type, eid_type, eid_class):
-    """Hand in what ``fastrollout.experience`` owns: ``as_array`` and the ``EID`` class (from
-    ``model``), ``ArrayColumn.from_offsets`` and the ``WireItem`` and ``WireEID`` classes the
-    parts are built with (from ``batch``, which calls this when imported)."""
-    global _as_array, _column_type, _item_type, _eid_type, _eid_class, _eid_slots
-    slots = tuple(eid_class.__dict__.get(name) for name in _EID_FIELDS)
-    if not all(type(slot) is types.MemberDescriptorType for slot in slots):
-        raise TypeError(f"{eid_class.__qualname__} must be a dataclass(slots=True) with the "
-                        f"fields {_EID_FIELDS}")
+def bind(*, as_array, column_type, item_type, eid_type):
+    """Hand in what ``fastrollout.experience`` owns: ``as_array`` (from ``model``),
+    ``ArrayColumn.from_offsets`` and the ``WireItem`` and ``WireEID`` classes the parts are
+    built with (from ``batch``, which calls this when imported)."""
+    global _as_array, _column_type, _item_type, _eid_type
     _as_array, _column_type, _item_type, _eid_type = as_array, column_type, item_type, eid_type
-    _eid_class, _eid_slots = eid_class, slots
 
 
 cdef object _attr(object exp, Py_ssize_t i, str name):
@@ -271,17 +259,10 @@ cdef object _prompt_lengths(tuple exps):
     return plens
 
 
-cdef inline object _eid_field(object eid, Py_ssize_t field):
-    """``getattr(eid, _EID_FIELDS[field])``, through the slot when ``eid`` is an EID."""
-    if type(eid) is not _eid_class:
-        return getattr(eid, _EID_FIELDS[field])
-    slot = _eid_slots[field]
-    return Py_TYPE(slot).tp_descr_get(slot, eid, _eid_class)
-
-
 cdef inline object _wire_eid(object eid):
-    return _eid_type(_eid_field(eid, 0), _eid_field(eid, 1), _eid_field(eid, 2),
-                     _eid_field(eid, 3), _eid_field(eid, 4))
+    """WireEID lists EID's fields in EID's order (``batch`` checks it)."""
+    return _eid_type(eid_field(eid, 0), eid_field(eid, 1), eid_field(eid, 2),
+                     eid_field(eid, 3), eid_field(eid, 4))
 
 
 cdef list _items(tuple exps):

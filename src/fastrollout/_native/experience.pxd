@@ -16,3 +16,7 @@ cdef enum:
 # ``value`` is what Experience keeps for ARRAY_FIELDS[field] without conversion: an exact
 # 1-D native-endian ndarray of a dtype that field keeps.
 cdef bint kept_as_is(object value, int field) noexcept
+
+# Field ``i`` of an EID (or of any object with its field names), in the dataclass's field
+# order: batch, task, run, step, suffix. Read through the slot when it is exactly an EID.
+cdef object eid_field(object eid, Py_ssize_t i)

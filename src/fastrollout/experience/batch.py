@@ -1,6 +1,7 @@
 """ExperienceBatch: experiences as columns (views into a decoded payload, or built directly)."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -260,5 +261,8 @@ class ExperienceBatch(Sequence):
         return f"ExperienceBatch({len(self)} experiences, columns={list(self.columns)})"
 
 
-bind(as_array=as_array, column_type=ArrayColumn.from_offsets,
-     item_type=WireItem, eid_type=WireEID, eid_class=EID)
+# The packer builds a WireEID from an EID's fields by position.
+if WireEID.__struct_fields__ != tuple(f.name for f in dataclasses.fields(EID)):
+    raise ImportError(f"WireEID's fields {WireEID.__struct_fields__} must be EID's, in order")
+bind(as_array=as_array, column_type=ArrayColumn.from_offsets, item_type=WireItem,
+     eid_type=WireEID)
