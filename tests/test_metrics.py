@@ -300,6 +300,42 @@ def test_metric_tally_matches_batch_aggregation():
 
 
 @settings(max_examples=300, deadline=None)
+@given(dicts=metric_dicts(max_rows=12))
+def test_metric_tally_matches_aggregate_metrics_on_any_values(dicts):
+    # Hypothesis' values include NaN, inf, bools and skipped types; sum/max/min/last keys must
+    # come out identical, mean keys' statistics within rounding (NaN where numpy gives NaN).
+    tally = M.MetricTally()
+    for d in dicts:
+        tally.add(d)
+    stats = ("mean", "max", "min", "std")
+    ref = reference(M.aggregate_metrics, dicts, prefix="r", default_output_stats=stats)
+    got = tally.summary("r", True, stats)
+    assert list(got) == list(ref)
+    for key, expected in ref.items():
+        value = got[key]
+        if key.endswith(("/mean", "/std")) and math.isfinite(expected):
+            assert math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-9), key
+        elif key.endswith("/std") and math.isfinite(value):
+            continue    # inf - inf: numpy's std is NaN where Welford's sum stays finite
+        else:
+            assert value == expected or (math.isnan(value) and math.isnan(expected)), key
+
+
+def test_metric_tally_refuses_bad_keys_and_grows():
+    tally = M.MetricTally()
+    with pytest.raises(TypeError, match="metric key must be a str"):
+        tally.add({3: 1.0})
+    assert tally.summary() == {}
+    many = {f"k{i}:sum": float(i) for i in range(100)}      # past the first allocation
+    tally.add(many)
+    tally.add(many)
+    assert tally.summary() == {f"k{i}/sum": 2.0 * i for i in range(100)}
+    tally.add({"x": np.float64(2.0), "y": np.int64(3), "z": True})  # as aggregate_metrics
+    assert {k for k in tally.summary() if not k.startswith("k")} == {"x/mean", "x/max", "x/min",
+                                                                      "z/mean", "z/max", "z/min"}
+
+
+@settings(max_examples=300, deadline=None)
 @given(dicts=metric_dicts(max_rows=1), is_eval=st.booleans())
 def test_one_run_fast_path_matches_trinity(dicts, is_eval):
     # One run's dict mostly skips the grouping machinery; the numbers must not change.

@@ -1,10 +1,14 @@
-"""Scheduler and runner pieces that stand alone: batch priority order, attempt timeouts."""
+"""Scheduler and runner pieces that stand alone: batch priority order, attempt timeouts,
+the copies of started tasks and their final statuses."""
 import asyncio
+import dataclasses
 
 import pytest
 
+from fastrollout import GenerationConfig, Status, Task
 from fastrollout.runner import AttemptTimer
 from fastrollout.scheduler import batch_priority
+from fastrollout.task import final_status, started
 
 
 def test_batch_priority_matches_trinity_order():
@@ -92,3 +96,52 @@ async def test_cancellation_from_outside_is_not_taken_for_a_timeout():
         return expired
     with pytest.raises(asyncio.CancelledError):
         await _in_worker(body)
+
+
+# ---- started(): what a started task's runs see; final_status(): Status without __init__ ---
+
+def _every_field_set(cls, **fixed):
+    """An instance of the dataclass ``cls`` whose fields all differ from their defaults."""
+    values = {}
+    for i, f in enumerate(dataclasses.fields(cls)):
+        values[f.name] = fixed.get(f.name, {"a": i} if f.type in ("dict",) else
+                                   f"v{i}" if "str" in str(f.type) else i + 7)
+    return cls(**values)
+
+
+def test_started_copies_every_field_as_replace_does():
+    args = _every_field_set(GenerationConfig, n=2)
+    task = _every_field_set(Task, workflow=object, rollout_args=args)
+    view = started(task, "3/eval", 5, 8)
+    assert view == dataclasses.replace(task, batch_id="3/eval", task_id=5,
+                                       rollout_args=dataclasses.replace(args, n=8))
+    assert type(view) is Task and type(view.rollout_args) is GenerationConfig
+    # the caller's objects are untouched; containers are shared, as replace() shares them
+    assert (task.batch_id, task.task_id, args.n) != ("3/eval", 5, 8) and args.n == 2
+    assert view.workflow_args is task.workflow_args and view.raw_task is task.raw_task
+    assert started(task, 1, 2, 2).rollout_args is args      # n already right: no copy
+
+
+def test_started_keeps_subclasses_and_their_fields():
+    @dataclasses.dataclass
+    class MyArgs(GenerationConfig):
+        stop: str = ""
+
+    @dataclasses.dataclass
+    class MyTask(Task):
+        level: int = 0
+
+    task = MyTask(workflow=object, rollout_args=MyArgs(stop="x"), level=3)
+    view = started(task, 1, 0, 4)
+    assert type(view) is MyTask and view.level == 3 and view.task_id == 0
+    assert type(view.rollout_args) is MyArgs and view.rollout_args.stop == "x"
+    assert view.rollout_args.n == 4 and task.rollout_args.n == 1
+
+
+def test_final_status_is_a_frozen_status():
+    metrics = [{"time/task_execution": 1.0}]
+    status = final_status(2, 4, metrics, "2/4 runs completed successfully.")
+    assert status == Status(2, 4, metrics, "2/4 runs completed successfully.")
+    assert type(status) is Status and not status.ok and status.metrics is metrics
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        status.completed_runs = 4

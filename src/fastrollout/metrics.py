@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._native.tally import MetricTally
+
 __all__ = [
     "AggType", "parse_metric_key", "aggregate_metrics", "aggregate_eval_metrics",
     "aggregate_run_level_metrics", "calculate_task_level_metrics", "aggregate_columns",
@@ -435,86 +437,22 @@ def _single_run_metrics(metric_dict: Mapping[str, Any], is_eval: bool) -> dict[s
     for key, value in metric_dict.items():
         if not isinstance(value, _NUMERIC):
             continue
-        group, agg = _by_canonical(key)
-        if group in out:
+        group, plus_zero, eval_alone = _single_plan(key)
+        if group in out or (is_eval and not eval_alone):
             return None
-        if agg is _MEAN and is_eval and not _is_time_key(group):
-            return None
-        value = float(value)
         # sum((v,)) / 1 for a mean or a sum is 0 + v (so -0.0 becomes 0.0); max/min/last: v
-        out[group] = 0 + value if agg is _MEAN or agg is _SUM else value
+        out[group] = 0 + float(value) if plus_zero else float(value)
     return out
+
+
+@functools.lru_cache(maxsize=8192)
+def _single_plan(key: str) -> tuple[str, bool, bool]:
+    """For ``_single_run_metrics``: the key's group, whether its one value is summed (a mean or
+    a sum) and whether an eval task may reduce it alone (it is not a mean, or is a time)."""
+    group, agg = _by_canonical(key)
+    return group, agg is _MEAN or agg is _SUM, agg is not _MEAN or _is_time_key(group)
 
 
 def _is_time_key(canonical: str) -> bool:
     name = parse_metric_key(canonical)[0]  # as Trinity: the name parsed again from the key
     return _TIME_KEYS[0] in name or _TIME_KEYS[1] in name
-
-
-class MetricTally:
-    """Batch-level aggregation kept up to date as task-level dicts arrive, so that closing a
-    batch costs O(keys), not O(tasks): what the coordinator uses at finalize.
-
-    ``summary()`` gives the keys of :func:`aggregate_metrics` (``detailed=True``) or
-    :func:`aggregate_eval_metrics` (``detailed=False``) over the same dicts, in the same
-    order. ``:sum``/``:max``/``:min``/``:last`` values are bit-identical (the same sequential
-    reductions as Python's ``sum``/``max``/``min``). Mean-key statistics come from a
-    compensated running sum and Welford's variance, so ``mean`` and ``std`` may differ from
-    numpy's pairwise sums in the last bits; a NaN makes mean, max, min and std NaN, as in numpy.
-    """
-
-    __slots__ = ("_groups",)
-
-    def __init__(self) -> None:
-        # (name, agg) -> [count, sum, compensation, welford mean, M2, max, min, last, nan seen]
-        self._groups: dict[tuple[str, AggType], list] = {}
-
-    def add(self, metrics: Mapping[str, Any]) -> None:
-        groups = self._groups
-        for key, value in metrics.items():
-            if not isinstance(value, _NUMERIC):
-                continue
-            value = float(value)
-            group = _by_name(key)[0]
-            g = groups.get(group)
-            if g is None:
-                groups[group] = [1, value, 0.0, value, 0.0, value, value, value, value != value]
-                continue
-            count = g[0] = g[0] + 1
-            total = g[1]
-            g[1] = s = total + value
-            if group[1] is _MEAN:
-                # Neumaier's compensation for the sum; Welford's update for the variance.
-                g[2] += (total - s) + value if abs(total) >= abs(value) else (value - s) + total
-                delta = value - g[3]
-                g[3] += delta / count
-                g[4] += delta * (value - g[3])
-                if value != value:
-                    g[8] = True
-            if value > g[5]:
-                g[5] = value
-            if value < g[6]:
-                g[6] = value
-            g[7] = value
-
-    def summary(self, prefix: str = "", detailed: bool = True,
-                stats: Sequence[str] = ("mean", "max", "min")) -> dict[str, float]:
-        p = f"{prefix}/" if prefix else ""
-        out: dict[str, float] = {}
-        nan = float("nan")
-        for (name, agg), (count, total, comp, _, m2, hi, lo, last, has_nan) in self._groups.items():
-            if agg is not _MEAN:
-                out[f"{p}{name}/{agg.value}"] = {AggType.SUM: total, AggType.MAX: hi,
-                                                 AggType.MIN: lo, AggType.LAST: last}[agg]
-                continue
-            values = {"mean": (total + comp) / count, "max": hi, "min": lo,
-                      "std": math.sqrt(max(m2, 0.0) / count)}
-            if has_nan:
-                values = dict.fromkeys(values, nan)
-            if not detailed:
-                out[f"{p}{name}"] = values["mean"]
-            else:
-                for stat in stats:
-                    if stat in values:
-                        out[f"{p}{name}/{stat}"] = values[stat]
-        return out

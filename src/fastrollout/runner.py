@@ -146,16 +146,19 @@ class Runner:
         canceller can abort their engine requests without this coroutine's help.
         Raises EngineDeadError when the slot's engine died (the caller reschedules).
         """
-        start = time.monotonic()
+        start = time.perf_counter()
+        loop = timer.loop
         for attempt in range(1, self.max_retry_times + 2):
             if timer.task.cancelling():     # cancelled, but a workflow swallowed it
                 raise asyncio.CancelledError
-            prefix = f"{task.batch_id}/{task.task_id}/{run_id_base}/{attempt}"
-            clients = [ModelClient(slot.engine, loop=timer.loop, rollout_args=task.rollout_args,
-                                   request_prefix=prefix)]
+            # The request prefix is "{batch}/{task}/{run_id_base}/{attempt}", joined only if
+            # a request is made.
+            parts = (task.batch_id, task.task_id, run_id_base, attempt)
+            clients = [ModelClient(slot.engine, loop=loop, rollout_args=task.rollout_args,
+                                   request_prefix=parts)]
             if slot.aux_engines:
-                clients += [ModelClient(e, loop=timer.loop, rollout_args=task.rollout_args,
-                                        request_prefix=f"{prefix}/aux{j}")
+                clients += [ModelClient(e, loop=loop, rollout_args=task.rollout_args,
+                                        request_prefix=(*parts, f"aux{j}"))
                             for j, e in enumerate(slot.aux_engines)]
             clients_out[:] = clients
             version = slot.engine.model_version
@@ -163,8 +166,24 @@ class Runner:
             timer.start(timeout)
             try:
                 try:
-                    results = await self._attempt(task, repeat_times, run_id_base, slot, clients,
-                                                  collect_partial_runs)
+                    workflow_cls = task.workflow
+                    if workflow_cls is None:
+                        raise ValueError(f"task {task.task_id} of batch {task.batch_id} has no "
+                                         f"workflow")
+                    if workflow_cls.can_repeat:
+                        # Awaited here, not in a coroutine of its own: the common case of a
+                        # fast workflow pays for one coroutine less.
+                        workflow = _instance(task, clients, slot.workflow)
+                        slot.workflow = None
+                        workflow.set_repeat_times(repeat_times, run_id_base)
+                        run_start = time.perf_counter()
+                        exps = await (workflow.run_async() if workflow.is_async
+                                      else self._in_thread(workflow.run))
+                        results = _repeated(workflow, exps, time.perf_counter() - run_start,
+                                            slot)
+                    else:
+                        results = await self._attempt(task, repeat_times, slot, clients,
+                                                      collect_partial_runs)
                 finally:
                     expired = timer.stop()
             except asyncio.CancelledError:
@@ -183,7 +202,7 @@ class Runner:
             finally:
                 clients_out.clear()
                 for client in clients:
-                    if client.inflight_request_ids():
+                    if client.has_requests_in_flight:
                         await client.abort_all()
                     client.close()
             if results is not None:
@@ -194,41 +213,18 @@ class Runner:
                                         slot.engine.model_version, keep_experiences)
             if outcome.error is None or (collect_partial_runs and outcome.completed_runs > 0):
                 break
-        outcome.elapsed = elapsed = time.monotonic() - start
+        outcome.elapsed = elapsed = time.perf_counter() - start
         outcome.metrics.append({"time/task_execution": elapsed})
         return outcome
 
-    # -- one attempt -------------------------------------------------------------------------
+    # -- one attempt of a workflow that is not repeatable ---------------------------------------
 
-    def _attempt(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
-                 clients: list[ModelClient], collect_partial: bool
-                 ) -> Coroutine[Any, Any, list[RunResult]]:
-        """The coroutine of one attempt, in the mode the workflow and config call for."""
-        workflow_cls = task.workflow
-        if workflow_cls is None:
-            raise ValueError(f"task {task.task_id} of batch {task.batch_id} has no workflow")
-        if workflow_cls.can_repeat:
-            return self._repeatable(task, repeat_times, run_id_base, slot, clients)
+    def _attempt(self, task: Task, repeat_times: int, slot: Slot, clients: list[ModelClient],
+                 collect_partial: bool) -> Coroutine[Any, Any, list[RunResult]]:
+        """The coroutine of one attempt: ``repeat_times`` runs in the configured mode."""
         if self.concurrent_mode == "sequential":
             return self._sequential(task, repeat_times, slot, clients, collect_partial)
         return self._parallel(task, repeat_times, clients, collect_partial)
-
-    async def _repeatable(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
-                          clients: list[ModelClient]) -> list[RunResult]:
-        workflow = _instance(task, clients, slot.workflow)
-        slot.workflow = None
-        workflow.set_repeat_times(repeat_times, run_id_base)
-        start = time.perf_counter()
-        if workflow.is_async:
-            exps = await workflow.run_async()
-        else:
-            exps = await self._in_thread(workflow.run)
-        elapsed = time.perf_counter() - start
-        if workflow.can_reset:
-            slot.workflow = workflow
-        # One run produced all repeats: each experience's metrics are one run's metrics.
-        metrics = [{**exp.metrics, "time/run_execution": elapsed} for exp in exps if exp.metrics]
-        return [(True, exps, metrics, None)]
 
     async def _sequential(self, task: Task, repeat_times: int, slot: Slot,
                           clients: list[ModelClient], collect_partial: bool) -> list[RunResult]:
@@ -338,6 +334,15 @@ def _instance(task: Task, clients: list[ModelClient], reusable: Workflow | None)
         reusable.reset(task)
         return reusable
     return task.workflow(task=task, model=clients[0], auxiliary_models=clients[1:])
+
+
+def _repeated(workflow: Workflow, exps: list, elapsed: float, slot: Slot) -> list[RunResult]:
+    """The result of a repeatable workflow's one run, which produced every repeat: each
+    experience's metrics are one run's metrics. A resettable instance goes back to the slot."""
+    if workflow.can_reset:
+        slot.workflow = workflow
+    metrics = [{**exp.metrics, "time/run_execution": elapsed} for exp in exps if exp.metrics]
+    return [(True, exps, metrics, None)]
 
 
 def _run_metric(exps: list, elapsed: float) -> dict:

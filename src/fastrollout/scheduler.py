@@ -20,7 +20,7 @@ from ._native.status import TASK_DONE, TASK_FAILED, StatusTable
 from .errors import EngineDeadError
 from .metrics import calculate_task_level_metrics
 from .runner import AttemptTimer, Outcome, Runner, Slot
-from .task import Status, Task, derive
+from .task import Status, Task, final_status, started
 
 if TYPE_CHECKING:
     from .config import ExplorerConfig
@@ -69,12 +69,8 @@ class TaskRecord:
         set and ``rollout_args.n = repeat_times`` (a copy: the caller's task is not touched)."""
         task = self.task
         if task is None or task.rollout_args.n != repeat_times:
-            source = self.source
-            args = source.rollout_args
-            if args.n != repeat_times:
-                args = derive(args, n=repeat_times)
-            task = self.task = derive(source, batch_id=self.batch.batch_id, task_id=self.task_id,
-                                      rollout_args=args)
+            task = self.task = started(self.source, self.batch.batch_id, self.task_id,
+                                       repeat_times)
         return task
 
     def status(self) -> Status:
@@ -85,8 +81,8 @@ class TaskRecord:
             message = f"{self.completed_runs}/{total} runs completed successfully."
             message += (f" First error: {self.first_error}" if self.first_error
                         else " Remaining runs were cancelled during scheduler cleanup.")
-        return Status(self.completed_runs, total,
-                      [calculate_task_level_metrics(self.metrics, self.source.is_eval)], message)
+        return final_status(self.completed_runs, total,
+                            [calculate_task_level_metrics(self.metrics, self.source.is_eval)], message)
 
 
 class SubTask:

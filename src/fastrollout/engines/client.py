@@ -24,11 +24,13 @@ RESPONSE_TRUNCATED = "response_truncated"
 
 class ModelClient:
     def __init__(self, engine: InferenceModel, *, loop: asyncio.AbstractEventLoop,
-                 rollout_args: GenerationConfig, request_prefix: str) -> None:
+                 rollout_args: GenerationConfig, request_prefix: str | tuple) -> None:
+        """``request_prefix``: a str, or a tuple of parts joined with "/" when first needed
+        (most attempts of a fast workflow never make a request)."""
         self.engine = engine
         self.loop = loop
         self.rollout_args = rollout_args
-        self.request_prefix = request_prefix
+        self._prefix = request_prefix
         self._counter = 0
         self._inflight: set[str] = set()
         self._closed = False
@@ -61,8 +63,19 @@ class ModelClient:
     def model_version(self) -> int:
         return self.engine.model_version
 
+    @property
+    def request_prefix(self) -> str:
+        prefix = self._prefix
+        if type(prefix) is tuple:
+            prefix = self._prefix = "/".join(map(str, prefix))
+        return prefix
+
     def inflight_request_ids(self) -> list[str]:
         return list(self._inflight)
+
+    @property
+    def has_requests_in_flight(self) -> bool:
+        return bool(self._inflight)
 
     async def abort_all(self) -> None:
         """Abort this client's in-flight requests and close it."""

@@ -1,0 +1,145 @@
+"""MetricTally: batch-level metrics kept current as task-level dicts arrive.
+
+The coordinator adds every finished task's metrics dict to its batch's tally, so that
+closing a batch costs O(keys), not O(tasks). That is once per task, so the update runs in
+C: a key is looked up once in a dict of group numbers and its running statistics are C
+doubles (in Python each update made a dozen float objects).
+
+``:sum``/``:max``/``:min``/``:last`` values are those of Python's sequential ``sum``/``max``/
+``min``, bit for bit.
+"""
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from libc.math cimport fabs, isfinite, sqrt
+
+cdef struct Group:
+    Py_ssize_t count
+    double total        # running sum
+    double comp         # Neumaier's compensation of the sum (mean groups)
+    double mean         # Welford's running mean and sum of squared deviations (mean groups)
+    double m2
+    double hi
+    double lo
+    double last
+    bint nan_seen
+    bint is_mean
+
+# fastrollout.metrics' key parser (``_by_name``) and its AggType.MEAN, imported on first use:
+# that module imports this one.
+cdef object _by_name = None
+cdef object _MEAN = None
+
+
+cdef class MetricTally:
+    """Running aggregation of task-level metric dicts.
+
+    ``summary()`` gives the keys of ``aggregate_metrics`` (``detailed=True``) or
+    ``aggregate_eval_metrics`` (``detailed=False``) over the same dicts, in the same order.
+    ``:sum``/``:max``/``:min``/``:last`` values are bit-identical (the same sequential
+    reductions as Python's ``sum``/``max``/``min``). Mean-key statistics come from a
+    compensated running sum and Welford's variance, so ``mean`` and ``std`` may differ from
+    numpy's pairwise sums in the last bits; a NaN makes mean, max, min and std NaN, as in
+    numpy. Non-numeric values are skipped.
+    """
+
+    cdef Group* _groups
+    cdef Py_ssize_t _size
+    cdef Py_ssize_t _capacity
+    cdef dict _by_key       # metric key -> group number
+    cdef dict _by_group     # (name, AggType) -> group number
+    cdef list _names        # group number -> (name, AggType)
+
+    def __cinit__(self):
+        self._by_key = {}
+        self._by_group = {}
+        self._names = []
+
+    def __dealloc__(self):
+        PyMem_Free(self._groups)
+
+    cdef Py_ssize_t _group(self, key) except -1:
+        """The group number of ``key``, made on the key's first appearance."""
+        global _by_name, _MEAN
+        if _by_name is None:
+            from fastrollout.metrics import AggType, _by_name as by_name
+            _by_name, _MEAN = by_name, AggType.MEAN
+        group = _by_name(key)[0]
+        number = self._by_group.get(group)
+        if number is None:
+            if self._size == self._capacity:
+                capacity = max(8, 2 * self._capacity)
+                grown = <Group*>PyMem_Realloc(self._groups, capacity * sizeof(Group))
+                if grown == NULL:
+                    raise MemoryError()
+                self._groups, self._capacity = grown, capacity
+            number = self._size
+            self._groups[number].count = 0
+            self._groups[number].is_mean = group[1] is _MEAN
+            self._size += 1
+            self._names.append(group)
+            self._by_group[group] = number
+        self._by_key[key] = number
+        return number
+
+    def add(self, metrics):
+        """Add one task's metrics dict (``{key: number}``)."""
+        cdef double value, total, s, delta
+        cdef Group* g
+        for key, item in metrics.items():
+            if type(item) is float:
+                value = item
+            elif isinstance(item, (int, float)):
+                value = float(item)
+            else:
+                continue
+            number = self._by_key.get(key)
+            g = &self._groups[self._group(key) if number is None else <Py_ssize_t>number]
+            if g.count == 0:
+                g.count = 1
+                g.total = g.mean = g.hi = g.lo = g.last = value
+                g.comp = g.m2 = 0.0
+                g.nan_seen = value != value
+                continue
+            g.count += 1
+            total = g.total
+            s = total + value
+            g.total = s
+            if g.is_mean:
+                # (Past an infinity there is nothing to compensate: inf - inf would be NaN.)
+                if isfinite(s):
+                    g.comp += (total - s) + value if fabs(total) >= fabs(value) else (value - s) + total
+                delta = value - g.mean
+                g.mean += delta / <double>g.count
+                g.m2 += delta * (value - g.mean)
+                if value != value:
+                    g.nan_seen = True
+            if value > g.hi:
+                g.hi = value
+            if value < g.lo:
+                g.lo = value
+            g.last = value
+
+    def summary(self, prefix: str = "", detailed: bool = True,
+                stats=("mean", "max", "min")) -> dict:
+        """``{prefix/name/agg or stat: value}`` in the order the groups first appeared."""
+        cdef Group* g
+        p = f"{prefix}/" if prefix else ""
+        out = {}
+        nan = float("nan")
+        for i in range(self._size):
+            g = &self._groups[i]
+            name, agg = self._names[i]
+            if not g.is_mean:
+                out[f"{p}{name}/{agg.value}"] = {"sum": g.total, "max": g.hi, "min": g.lo,
+                                                 "last": g.last}[agg.value]
+                continue
+            values = {"mean": (g.total + g.comp) / <double>g.count, "max": g.hi, "min": g.lo,
+                      "std": sqrt(max(g.m2, 0.0) / <double>g.count)}
+            if g.nan_seen:
+                values = dict.fromkeys(values, nan)
+            if not detailed:
+                out[f"{p}{name}"] = values["mean"]
+            else:
+                for stat in stats:
+                    if stat in values:
+                        out[f"{p}{name}/{stat}"] = values[stat]
+        return out
