@@ -9,6 +9,7 @@ a zero-copy view; growth moves to a new buffer and old views keep the old one al
 """
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.object cimport PyObject, PyObject_GenericSetAttr, PyTypeObject
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -425,6 +426,22 @@ cdef class StatusTable:
     def nbytes(self):
         """Bytes of the task and batch arrays."""
         return self._capacity * sizeof(TaskSlot) + self._batch_capacity * sizeof(BatchSlot)
+
+
+cdef tuple _no_args = ()
+
+
+def final_status(type cls, completed_runs, total_runs, metrics, message):
+    """``cls(completed_runs, total_runs, metrics, message)`` for the frozen ``Status``
+    dataclass, made without its ``__init__``: a frozen dataclass sets every field through
+    ``object.__setattr__``, which costs several times this, and the scheduler makes one
+    Status per task. The fields are stored as ``object.__setattr__`` would store them."""
+    status = (<PyTypeObject*>cls).tp_new(cls, <PyObject*>_no_args, NULL)
+    PyObject_GenericSetAttr(status, "completed_runs", completed_runs)
+    PyObject_GenericSetAttr(status, "total_runs", total_runs)
+    PyObject_GenericSetAttr(status, "metrics", metrics)
+    PyObject_GenericSetAttr(status, "message", message)
+    return status
 
 
 def _debug_live_tables():

@@ -3,6 +3,7 @@ deliberate differences listed in API.md. Engines are real SimulatedEngines."""
 from __future__ import annotations
 
 import asyncio
+import types
 
 import pytest
 
@@ -444,6 +445,34 @@ async def test_an_error_outside_the_workflow_reaches_finalize_with_ids():
                 request.cancel()
             await asyncio.gather(*_LeavesRequest.started, return_exceptions=True)
             _LeavesRequest.started.clear()
+
+
+class _ReturnsNonsense(Workflow):
+    """Returns something that has metrics but is no experience (no eid, no info)."""
+
+    can_repeat = True
+    is_async = True
+
+    async def run_async(self):
+        return [types.SimpleNamespace(metrics={})]
+
+
+@pytest.mark.parametrize("workflow", [_ReturnsNonsense, "sequential"])
+async def test_a_workflow_returning_nonsense_fails_its_task_not_the_coordinator(workflow):
+    # Reading the experiences (their metrics, ids) is part of the run: a workflow that returns
+    # something else fails its own task, with the error in the status; the batch finishes.
+    if workflow == "sequential":
+        class workflow(_ReturnsNonsense):   # noqa: N801 -- one run per repeat
+            can_repeat = False
+    async with Harness(make_config(max_retry_times=1), [SimulatedEngine()]) as coord:
+        await coord.submit_batch(batch_id=0, tasks=tasks(3, workflow, repeat=2)
+                                 + tasks(1, RepeatWorkflow, repeat=2), batch_type="train")
+        state = coord.pending_batches[0]
+        result = await coord.finalize_train_batch(0, timeout=5)
+        assert result["finished_task_count"] == 4
+        assert len(coord.take_experiences(0)) == 2      # RepeatWorkflow's two runs
+        assert [state.statuses[i].ok for i in range(4)] == [False, False, False, True]
+        assert "AttributeError" in state.statuses[0].message
 
 
 async def test_timed_out_run_aborts_its_engine_request():

@@ -2,13 +2,15 @@
 the copies of started tasks and their final statuses."""
 import asyncio
 import dataclasses
+import pickle
 
 import pytest
 
 from fastrollout import GenerationConfig, Status, Task
 from fastrollout.runner import AttemptTimer
 from fastrollout.scheduler import batch_priority
-from fastrollout.task import final_status, started
+from fastrollout._native.status import final_status
+from fastrollout.task import started
 
 
 def test_batch_priority_matches_trinity_order():
@@ -140,8 +142,10 @@ def test_started_keeps_subclasses_and_their_fields():
 
 def test_final_status_is_a_frozen_status():
     metrics = [{"time/task_execution": 1.0}]
-    status = final_status(2, 4, metrics, "2/4 runs completed successfully.")
+    status = final_status(Status, 2, 4, metrics, "2/4 runs completed successfully.")
     assert status == Status(2, 4, metrics, "2/4 runs completed successfully.")
     assert type(status) is Status and not status.ok and status.metrics is metrics
     with pytest.raises(dataclasses.FrozenInstanceError):
         status.completed_runs = 4
+    assert pickle.loads(pickle.dumps(status)) == status
+    assert dataclasses.asdict(status) == dataclasses.asdict(Status(2, 4, metrics, status.message))

@@ -8,6 +8,7 @@ engine requests of unfinished runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import math
@@ -178,7 +179,7 @@ class RolloutCoordinator:
         state = BatchState(batch_id=batch_id, batch_type=batch_type,
                            expected_task_count=len(tasks), min_wait_num=min_wait_num)
         state._run = scheduler.new_batch(batch_id, batch_type == "eval",
-                                         lambda record: self._book(state, record))
+                                         functools.partial(self._book, state))
         self.pending_batches[batch_id] = state
         if tasks:
             state.state = BatchLifecycleState.RUNNING

@@ -179,17 +179,25 @@ class Runner:
                         run_start = time.perf_counter()
                         exps = await (workflow.run_async() if workflow.is_async
                                       else self._in_thread(workflow.run))
-                        results = _repeated(workflow, exps, time.perf_counter() - run_start,
-                                            slot)
+                        elapsed = time.perf_counter() - run_start
+                        if workflow.can_reset:
+                            slot.workflow = workflow
+                        outcome = _repeated(task, repeat_times, exps, elapsed, version,
+                                            slot.engine.model_version, keep_experiences)
                     else:
                         results = await self._attempt(task, repeat_times, slot, clients,
                                                       collect_partial_runs)
+                        if slot.engine.is_dead and not any(ok for ok, *_ in results):
+                            # Every run failed because the engine died: the handler below
+                            # gives the sub-task back, to run again on a live engine.
+                            raise EngineDeadError(f"engine {slot.engine_index} died")
+                        outcome = _collect(task, repeat_times, run_id_base, results, version,
+                                           slot.engine.model_version, keep_experiences)
                 finally:
                     expired = timer.stop()
             except asyncio.CancelledError:
                 if not expired:
                     raise
-                results = None      # an earlier attempt's runs do not count
                 outcome = Outcome(0, repeat_times, [], (
                     f"Timeout ({timeout} s) when running task of batch {task.batch_id} at runner "
                     f"{slot.index} at attempt {attempt}: task {task.task_id}"), [])
@@ -197,7 +205,6 @@ class Runner:
                 if slot.engine.is_dead:
                     raise EngineDeadError(f"engine {slot.engine_index} died while running task "
                                           f"{task.task_id} of batch {task.batch_id}") from None
-                results = None
                 outcome = Outcome(0, repeat_times, [], traceback.format_exc().rstrip(), [])
             finally:
                 clients_out.clear()
@@ -205,12 +212,6 @@ class Runner:
                     if client.has_requests_in_flight:
                         await client.abort_all()
                     client.close()
-            if results is not None:
-                if slot.engine.is_dead and not any(ok for ok, *_ in results):
-                    raise EngineDeadError(f"engine {slot.engine_index} died while running task "
-                                          f"{task.task_id} of batch {task.batch_id}")
-                outcome = self._collect(task, repeat_times, run_id_base, results, version,
-                                        slot.engine.model_version, keep_experiences)
             if outcome.error is None or (collect_partial_runs and outcome.completed_runs > 0):
                 break
         outcome.elapsed = elapsed = time.perf_counter() - start
@@ -293,38 +294,6 @@ class Runner:
             self.detached_runs += 1
             raise
 
-    def _collect(self, task: Task, repeat_times: int, run_id_base: int, results: list[RunResult],
-                 version_before: int, version_after: int, keep: bool) -> Outcome:
-        exps: list[Experience] = []
-        metrics: list[dict] = []
-        first_error = None
-        repeatable = task.workflow.can_repeat
-        completed = 0
-        for i, (ok, run_exps, run_metrics, error) in enumerate(results):
-            if not ok:
-                first_error = first_error or error
-                continue
-            completed += repeat_times if repeatable else 1
-            metrics.extend(run_metrics)
-            if not keep:
-                continue
-            if not repeatable:
-                for exp in run_exps:
-                    exp.eid.run = run_id_base + i
-            exps.extend(run_exps)
-        drift = version_after - version_before
-        for exp in exps:
-            eid = exp.eid
-            eid.batch = task.batch_id
-            if eid.task == "":
-                eid.task = task.task_id
-            info = exp.info
-            info["model_version"] = version_before
-            info["model_version_drift"] = drift
-            info["use_count"] = 0
-            info["task_index"] = task.index
-        return Outcome(completed, repeat_times, metrics, first_error, exps)
-
 
 def _instance(task: Task, clients: list[ModelClient], reusable: Workflow | None) -> Workflow:
     """A workflow for ``task``: ``reusable`` reset to it when allowed, else a new instance."""
@@ -336,13 +305,54 @@ def _instance(task: Task, clients: list[ModelClient], reusable: Workflow | None)
     return task.workflow(task=task, model=clients[0], auxiliary_models=clients[1:])
 
 
-def _repeated(workflow: Workflow, exps: list, elapsed: float, slot: Slot) -> list[RunResult]:
-    """The result of a repeatable workflow's one run, which produced every repeat: each
-    experience's metrics are one run's metrics. A resettable instance goes back to the slot."""
-    if workflow.can_reset:
-        slot.workflow = workflow
+def _repeated(task: Task, repeat_times: int, exps: list, elapsed: float, version_before: int,
+              version_after: int, keep: bool) -> Outcome:
+    """The outcome of a repeatable workflow's one run, which produced every repeat: each
+    experience's metrics are one run's metrics."""
     metrics = [{**exp.metrics, "time/run_execution": elapsed} for exp in exps if exp.metrics]
-    return [(True, exps, metrics, None)]
+    if not keep:
+        return Outcome(repeat_times, repeat_times, metrics, None, [])
+    _stamp(task, exps, version_before, version_after)
+    return Outcome(repeat_times, repeat_times, metrics, None, exps)
+
+
+def _collect(task: Task, repeat_times: int, run_id_base: int, results: list[RunResult],
+             version_before: int, version_after: int, keep: bool) -> Outcome:
+    """The outcome of a non-repeatable workflow's runs: run i of the sub-task is
+    ``run_id_base + i``."""
+    exps: list[Experience] = []
+    metrics: list[dict] = []
+    first_error = None
+    completed = 0
+    for i, (ok, run_exps, run_metrics, error) in enumerate(results):
+        if not ok:
+            first_error = first_error or error
+            continue
+        completed += 1
+        metrics.extend(run_metrics)
+        if keep:
+            for exp in run_exps:
+                exp.eid.run = run_id_base + i
+            exps.extend(run_exps)
+    if exps:
+        _stamp(task, exps, version_before, version_after)
+    return Outcome(completed, repeat_times, metrics, first_error, exps)
+
+
+def _stamp(task: Task, exps: list[Experience], version_before: int, version_after: int) -> None:
+    """Set what the coordinator owns in kept experiences: their batch and task ids (a task id
+    set by the workflow stays) and the model version they were sampled with."""
+    drift = version_after - version_before
+    for exp in exps:
+        eid = exp.eid
+        eid.batch = task.batch_id
+        if eid.task == "":
+            eid.task = task.task_id
+        info = exp.info
+        info["model_version"] = version_before
+        info["model_version_drift"] = drift
+        info["use_count"] = 0
+        info["task_index"] = task.index
 
 
 def _run_metric(exps: list, elapsed: float) -> dict:

@@ -14,13 +14,13 @@ import bisect
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Coroutine
+from typing import TYPE_CHECKING, Callable
 
-from ._native.status import TASK_DONE, TASK_FAILED, StatusTable
+from ._native.status import TASK_DONE, TASK_FAILED, StatusTable, final_status
 from .errors import EngineDeadError
 from .metrics import calculate_task_level_metrics
 from .runner import AttemptTimer, Outcome, Runner, Slot
-from .task import Status, Task, final_status, started
+from .task import Status, Task, started
 
 if TYPE_CHECKING:
     from .config import ExplorerConfig
@@ -81,7 +81,7 @@ class TaskRecord:
             message = f"{self.completed_runs}/{total} runs completed successfully."
             message += (f" First error: {self.first_error}" if self.first_error
                         else " Remaining runs were cancelled during scheduler cleanup.")
-        return final_status(self.completed_runs, total,
+        return final_status(Status, self.completed_runs, total,
                             [calculate_task_level_metrics(self.metrics, self.source.is_eval)], message)
 
 
@@ -113,17 +113,15 @@ class BatchQueue:
     def __bool__(self) -> bool:
         return bool(self.ready) or self.next < len(self.tasks)
 
-    def popleft(self, reach: Callable[[BatchRun, int, Task], list[SubTask]],
+    def popleft(self, reach: Callable[[BatchRun, int, Task, deque], SubTask],
                 batch: BatchRun) -> SubTask:
-        """The next sub-task; ``reach(batch, i, task)`` makes those of the next task when
-        none is ready."""
+        """The next sub-task; ``reach(batch, i, task, ready)`` makes those of the next task
+        when none is ready (returning the first, queueing the others on ``ready``)."""
         if self.ready:
             return self.ready.popleft()
         i = self.next
         self.next = i + 1
-        sub, *rest = reach(batch, i, self.tasks[i])
-        self.ready.extend(rest)
-        return sub
+        return reach(batch, i, self.tasks[i], self.ready)
 
     def appendleft(self, sub: SubTask) -> None:
         self.ready.appendleft(sub)
@@ -191,14 +189,21 @@ class Scheduler:
         self._enqueue(batch)
         self.dispatch()
 
-    def _reach(self, batch: BatchRun, i: int, task: Task) -> list[SubTask]:
-        """Task ``i`` of ``batch`` is next to run: its record, row and sub-tasks."""
+    def _reach(self, batch: BatchRun, i: int, task: Task, ready: deque) -> SubTask:
+        """Task ``i`` of ``batch`` is next to run: its record and row; returns its first
+        sub-task and puts the others (a task split by max_repeat_times_per_runner) on
+        ``ready``."""
         k = self.config.max_repeat_times_per_runner
         repeat = task.repeat_times
-        bases = range(0, repeat, k) if k else (0,)
+        if not k or repeat <= k:
+            record = TaskRecord(task, i, self.table.add_task(batch.bslot, repeat, 1), batch)
+            batch.unfinished[i] = record
+            return SubTask(record, repeat, 0)
+        bases = range(0, repeat, k)
         record = TaskRecord(task, i, self.table.add_task(batch.bslot, repeat, len(bases)), batch)
         batch.unfinished[i] = record
-        return [SubTask(record, min(k, repeat - base) if k else repeat, base) for base in bases]
+        ready.extend(SubTask(record, min(k, repeat - base), base) for base in bases[1:])
+        return SubTask(record, k, 0)
 
     def _enqueue(self, batch: BatchRun) -> None:
         key = batch_priority(batch.batch_id)
@@ -292,7 +297,12 @@ class Scheduler:
                         # for the whole queue.
                         streak = 0
                         await asyncio.sleep(0)
-                    outcome = await self._run(sub, timer)
+                    record = sub.record
+                    outcome = await self.runner.run_with_retry(
+                        record.view(sub.repeat_times), sub.repeat_times, sub.run_id_base,
+                        sub.slot, self.config.max_timeout if record.is_eval else self.timeout(),
+                        self.config.over_rollout.return_partial_tasks, not record.is_eval,
+                        sub.clients, timer)
                 except asyncio.CancelledError:
                     if sub.slot is not None:    # loop shutdown, not cancel_batch
                         self._release(sub)
@@ -332,14 +342,6 @@ class Scheduler:
         self._on_fatal(RuntimeError(
             f"internal error while finishing task {rec.task_id} of batch "
             f"{rec.batch.batch_id}: {exc!r}").with_traceback(exc.__traceback__))
-
-    def _run(self, sub: SubTask, timer: AttemptTimer) -> Coroutine[Any, Any, Outcome]:
-        record = sub.record
-        timeout = self.config.max_timeout if record.is_eval else self.timeout()
-        return self.runner.run_with_retry(
-            record.view(sub.repeat_times), sub.repeat_times, sub.run_id_base, sub.slot, timeout,
-            self.config.over_rollout.return_partial_tasks, not record.is_eval, sub.clients,
-            timer)
 
     # -- completion ---------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
 """Stub of the compiled task/batch status table (native/status.pyx)."""
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from fastrollout.errors import FastRolloutError
+
+_S = TypeVar("_S")
 
 DEBUG: Final[bool]
 SLOT_BYTES: Final[int]
@@ -44,3 +46,7 @@ class StatusTable:
     def nbytes(self) -> int: ...
 
 def _debug_live_tables() -> int: ...
+
+def final_status(cls: type[_S], completed_runs: int, total_runs: int,
+                 metrics: list[dict[str, float]], message: str | None) -> _S:
+    """``Status(...)`` made without the frozen dataclass's ``__init__``."""
