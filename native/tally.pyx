@@ -1,9 +1,10 @@
-"""MetricTally: batch-level metrics kept current as task-level dicts arrive.
+"""Per-task metric bookkeeping in C: one run's task-level metrics, and the batch tally.
 
-The coordinator adds every finished task's metrics dict to its batch's tally, so that
-closing a batch costs O(keys), not O(tasks). That is once per task, so the update runs in
-C: a key is looked up once in a dict of group numbers and its running statistics are C
-doubles (in Python each update made a dozen float objects).
+Both run once per finished task. ``single_run_metrics`` is the common case of
+``calculate_task_level_metrics`` (a task of one run); ``MetricTally`` keeps a batch's
+aggregate current as task-level dicts arrive, so that closing a batch costs O(keys), not
+O(tasks): a key is looked up once in a dict of group numbers and its running statistics are
+C doubles (in Python each update made a dozen float objects).
 
 ``:sum``/``:max``/``:min``/``:last`` values are those of Python's sequential ``sum``/``max``/
 ``min``, bit for bit.
@@ -23,10 +24,42 @@ cdef struct Group:
     bint nan_seen
     bint is_mean
 
-# fastrollout.metrics' key parser (``_by_name``) and its AggType.MEAN, imported on first use:
-# that module imports this one.
+# From fastrollout.metrics, imported on first use (that module imports this one): its
+# cached key parsers and AggType.MEAN.
 cdef object _by_name = None
+cdef object _single_plan = None
 cdef object _MEAN = None
+
+
+cdef int _import_metrics() except -1:
+    global _by_name, _single_plan, _MEAN
+    from fastrollout.metrics import AggType, _by_name as by_name, _single_plan as single_plan
+    _by_name, _single_plan, _MEAN = by_name, single_plan, AggType.MEAN
+    return 0
+
+
+def single_run_metrics(metric_dict, bint is_eval):
+    """What ``calculate_task_level_metrics([metric_dict], is_eval)`` gives, each value reduced
+    alone; None when that does not hold: two keys share a group, or an eval task has a mean
+    key that is not a time (it gets ``mean@1``...). A task whose runs report only timings,
+    or any train task of one run, takes this path."""
+    cdef double value
+    if _single_plan is None:
+        _import_metrics()
+    out = {}
+    for key, item in metric_dict.items():
+        if type(item) is float:
+            value = item
+        elif isinstance(item, (int, float)):
+            value = float(item)
+        else:
+            continue
+        group, plus_zero, eval_alone = <tuple>_single_plan(key)
+        if group in out or (is_eval and not eval_alone):
+            return None
+        # sum((v,)) / 1 for a mean or a sum is 0 + v (so -0.0 becomes 0.0); max/min/last: v
+        out[group] = 0.0 + value if plus_zero else value
+    return out
 
 
 cdef class MetricTally:
@@ -58,10 +91,8 @@ cdef class MetricTally:
 
     cdef Py_ssize_t _group(self, key) except -1:
         """The group number of ``key``, made on the key's first appearance."""
-        global _by_name, _MEAN
         if _by_name is None:
-            from fastrollout.metrics import AggType, _by_name as by_name
-            _by_name, _MEAN = by_name, AggType.MEAN
+            _import_metrics()
         group = _by_name(key)[0]
         number = self._by_group.get(group)
         if number is None:

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._native.tally import MetricTally
+from ._native.tally import MetricTally, single_run_metrics
 
 __all__ = [
     "AggType", "parse_metric_key", "aggregate_metrics", "aggregate_eval_metrics",
@@ -395,7 +395,7 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
     if not metrics:
         return {}
     if len(metrics) == 1 and isinstance(metrics, (list, tuple)):
-        single = _single_run_metrics(metrics[0], is_eval)
+        single = single_run_metrics(metrics[0], is_eval)
         if single is not None:
             return single
     if not is_eval:
@@ -428,26 +428,9 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
     return result
 
 
-def _single_run_metrics(metric_dict: Mapping[str, Any], is_eval: bool) -> dict[str, float] | None:
-    """What the general path gives for one run's dict, without grouping: each value reduced
-    alone. None when that does not hold: two keys share a group, or an eval task has a mean
-    key that is not a time (it gets ``mean@1``...). A task whose runs report only timings,
-    or any train task of one run, takes this path."""
-    out: dict[str, float] = {}
-    for key, value in metric_dict.items():
-        if not isinstance(value, _NUMERIC):
-            continue
-        group, plus_zero, eval_alone = _single_plan(key)
-        if group in out or (is_eval and not eval_alone):
-            return None
-        # sum((v,)) / 1 for a mean or a sum is 0 + v (so -0.0 becomes 0.0); max/min/last: v
-        out[group] = 0 + float(value) if plus_zero else float(value)
-    return out
-
-
 @functools.lru_cache(maxsize=8192)
 def _single_plan(key: str) -> tuple[str, bool, bool]:
-    """For ``_single_run_metrics``: the key's group, whether its one value is summed (a mean or
+    """For ``single_run_metrics`` (native/tally.pyx): the key's group, whether its one value is summed (a mean or
     a sum) and whether an eval task may reduce it alone (it is not a mean, or is a time)."""
     group, agg = _by_canonical(key)
     return group, agg is _MEAN or agg is _SUM, agg is not _MEAN or _is_time_key(group)

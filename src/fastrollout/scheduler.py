@@ -17,6 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable
 
 from ._native.status import TASK_DONE, TASK_FAILED, StatusTable, final_status
+from ._native.tally import single_run_metrics
 from .errors import EngineDeadError
 from .metrics import calculate_task_level_metrics
 from .runner import AttemptTimer, Outcome, Runner, Slot
@@ -81,8 +82,12 @@ class TaskRecord:
             message = f"{self.completed_runs}/{total} runs completed successfully."
             message += (f" First error: {self.first_error}" if self.first_error
                         else " Remaining runs were cancelled during scheduler cleanup.")
-        return final_status(Status, self.completed_runs, total,
-                            [calculate_task_level_metrics(self.metrics, self.source.is_eval)], message)
+        # Most tasks are one run: its dict reduced in C, without the general path's checks.
+        metrics, is_eval = self.metrics, self.source.is_eval
+        task_metrics = single_run_metrics(metrics[0], is_eval) if len(metrics) == 1 else None
+        if task_metrics is None:
+            task_metrics = calculate_task_level_metrics(metrics, is_eval)
+        return final_status(Status, self.completed_runs, total, [task_metrics], message)
 
 
 class SubTask:

@@ -1,4 +1,4 @@
-"""Stub of the compiled metric tally (native/tally.pyx)."""
+"""Stub of the compiled per-task metric bookkeeping (native/tally.pyx)."""
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -7,3 +7,7 @@ class MetricTally:
     def add(self, metrics: Mapping[str, Any]) -> None: ...
     def summary(self, prefix: str = "", detailed: bool = True,
                 stats: Sequence[str] = ("mean", "max", "min")) -> dict[str, float]: ...
+
+def single_run_metrics(metric_dict: Mapping[str, Any], is_eval: bool) -> dict[str, float] | None:
+    """``calculate_task_level_metrics([metric_dict], is_eval)`` when each value reduces alone,
+    else None."""
