@@ -154,11 +154,9 @@ class Runner:
             # The request prefix is "{batch}/{task}/{run_id_base}/{attempt}", joined only if
             # a request is made.
             parts = (task.batch_id, task.task_id, run_id_base, attempt)
-            clients = [ModelClient(slot.engine, loop=loop, rollout_args=task.rollout_args,
-                                   request_prefix=parts)]
+            clients = [ModelClient(slot.engine, loop, task.rollout_args, parts)]
             if slot.aux_engines:
-                clients += [ModelClient(e, loop=loop, rollout_args=task.rollout_args,
-                                        request_prefix=(*parts, f"aux{j}"))
+                clients += [ModelClient(e, loop, task.rollout_args, (*parts, f"aux{j}"))
                             for j, e in enumerate(slot.aux_engines)]
             clients_out[:] = clients
             version = slot.engine.model_version
@@ -209,9 +207,8 @@ class Runner:
             finally:
                 clients_out.clear()
                 for client in clients:
-                    if client.has_requests_in_flight:
+                    if client.close():
                         await client.abort_all()
-                    client.close()
             if outcome.error is None or (collect_partial_runs and outcome.completed_runs > 0):
                 break
         outcome.elapsed = elapsed = time.perf_counter() - start
