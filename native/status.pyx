@@ -10,8 +10,12 @@ a zero-copy view; growth moves to a new buffer and old views keep the old one al
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.object cimport PyObject, PyObject_GenericSetAttr, PyTypeObject
+
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(object op)
 
 import numpy as np
 
@@ -431,16 +435,23 @@ cdef class StatusTable:
 cdef tuple _no_args = ()
 
 
-def final_status(type cls, completed_runs, total_runs, metrics, message):
-    """``cls(completed_runs, total_runs, metrics, message)`` for the frozen ``Status``
+def final_status(type cls, completed_runs, total_runs, dict task_metrics, message):
+    """``cls(completed_runs, total_runs, [task_metrics], message)`` for the frozen ``Status``
     dataclass, made without its ``__init__``: a frozen dataclass sets every field through
     ``object.__setattr__``, which costs several times this, and the scheduler makes one
-    Status per task. The fields are stored as ``object.__setattr__`` would store them."""
+    Status per task. The fields are stored as ``object.__setattr__`` would store them.
+
+    The status and its list are not tracked by the cyclic GC: a batch's statuses live until it
+    is finalized, and would be walked by every collection meanwhile. They cannot be part of a
+    cycle: ints, a str and a list holding one dict of floats (itself untracked by CPython)."""
+    metrics = [task_metrics]
+    PyObject_GC_UnTrack(metrics)
     status = (<PyTypeObject*>cls).tp_new(cls, <PyObject*>_no_args, NULL)
     PyObject_GenericSetAttr(status, "completed_runs", completed_runs)
     PyObject_GenericSetAttr(status, "total_runs", total_runs)
     PyObject_GenericSetAttr(status, "metrics", metrics)
     PyObject_GenericSetAttr(status, "message", message)
+    PyObject_GC_UnTrack(status)
     return status
 
 

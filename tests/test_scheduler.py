@@ -2,6 +2,7 @@
 the copies of started tasks and their final statuses."""
 import asyncio
 import dataclasses
+import gc
 import pickle
 
 import pytest
@@ -141,11 +142,14 @@ def test_started_keeps_subclasses_and_their_fields():
 
 
 def test_final_status_is_a_frozen_status():
-    metrics = [{"time/task_execution": 1.0}]
-    status = final_status(Status, 2, 4, metrics, "2/4 runs completed successfully.")
-    assert status == Status(2, 4, metrics, "2/4 runs completed successfully.")
-    assert type(status) is Status and not status.ok and status.metrics is metrics
+    task_metrics = {"time/task_execution": 1.0}
+    status = final_status(Status, 2, 4, task_metrics, "2/4 runs completed successfully.")
+    assert status == Status(2, 4, [task_metrics], "2/4 runs completed successfully.")
+    assert type(status) is Status and not status.ok and status.metrics[0] is task_metrics
+    # a batch's statuses are not walked by the GC (nothing in them can form a cycle)
+    assert not gc.is_tracked(status) and not gc.is_tracked(status.metrics)
     with pytest.raises(dataclasses.FrozenInstanceError):
         status.completed_runs = 4
     assert pickle.loads(pickle.dumps(status)) == status
-    assert dataclasses.asdict(status) == dataclasses.asdict(Status(2, 4, metrics, status.message))
+    assert dataclasses.asdict(status) == dataclasses.asdict(Status(2, 4, [task_metrics],
+                                                                   status.message))

@@ -87,7 +87,7 @@ class TaskRecord:
         task_metrics = single_run_metrics(metrics[0], is_eval) if len(metrics) == 1 else None
         if task_metrics is None:
             task_metrics = calculate_task_level_metrics(metrics, is_eval)
-        return final_status(Status, self.completed_runs, total, [task_metrics], message)
+        return final_status(Status, self.completed_runs, total, task_metrics, message)
 
 
 class SubTask:

@@ -48,5 +48,6 @@ class StatusTable:
 def _debug_live_tables() -> int: ...
 
 def final_status(cls: type[_S], completed_runs: int, total_runs: int,
-                 metrics: list[dict[str, float]], message: str | None) -> _S:
-    """``Status(...)`` made without the frozen dataclass's ``__init__``."""
+                 task_metrics: dict[str, float], message: str | None) -> _S:
+    """``Status(completed_runs, total_runs, [task_metrics], message)`` made without the frozen
+    dataclass's ``__init__``, untracked by the cyclic GC."""
