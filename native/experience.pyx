@@ -14,6 +14,7 @@ when given no arguments: each slot set from the field's default or default facto
 """
 cimport numpy as cnp
 from cpython.object cimport Py_TYPE, PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
 from libc.stdint cimport uint64_t
 
 import dataclasses
@@ -25,6 +26,14 @@ cnp.import_array()
 cdef extern from "Python.h":
     object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
     void* PyUnicode_DATA(object unicode)
+
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    enum: T_OBJECT_EX
 
 # Field names: the array fields in wire order, the plain-object fields in wire order, and
 # every field (the order pickles keep). The slots themselves are declared in experience.pxd.
@@ -65,6 +74,10 @@ cdef inline uint64_t _next() noexcept:
 
 def new_suffix():
     """Six random lowercase hex digits: the default ``EID.suffix``."""
+    return _suffix()
+
+
+cdef object _suffix():
     cdef uint64_t bits = _next() >> 40     # the top 24 bits
     s = PyUnicode_New(6, 127)
     cdef char* out = <char*>PyUnicode_DATA(s)
@@ -82,11 +95,15 @@ cdef object _as_array = None
 cdef object _to_torch = None
 cdef object _eid_type = None
 # EID's field names and slot descriptors, and per field its default or (None) its default
-# factory, in the dataclass's field order.
+# factory, in the dataclass's field order; per field, where its slot is in an instance and
+# whether its factory is new_suffix (then called in C).
 cdef tuple _eid_names = ()
 cdef tuple _eid_slots = ()
 cdef tuple _eid_defaults = ()
 cdef tuple _eid_factories = ()
+cdef enum: MAX_EID_FIELDS = 16
+cdef Py_ssize_t[MAX_EID_FIELDS] _eid_offsets
+cdef bint[MAX_EID_FIELDS] _eid_suffix
 # _kept[field] has bit n set when an array of dtype number n (native byte order) is kept.
 cdef uint64_t[N_ARRAY_FIELDS] _kept
 
@@ -107,7 +124,10 @@ def bind(*, eid_type, as_array, to_torch, field_dtypes):
         _kept[i] = mask
     fields = dataclasses.fields(eid_type)
     slots = tuple(eid_type.__dict__.get(f.name) for f in fields)
-    if (not all(type(slot) is types.MemberDescriptorType for slot in slots)
+    if (len(slots) > MAX_EID_FIELDS
+            or not all(type(slot) is types.MemberDescriptorType
+                       and (<PyMemberDescrObject*>slot).d_member.type == T_OBJECT_EX
+                       for slot in slots)
             or hasattr(eid_type, "__post_init__")
             or not all(f.init and (f.default is not dataclasses.MISSING
                                    or f.default_factory is not dataclasses.MISSING)
@@ -120,17 +140,28 @@ def bind(*, eid_type, as_array, to_torch, field_dtypes):
                           for f in fields)
     _eid_factories = tuple(None if f.default is not dataclasses.MISSING else f.default_factory
                            for f in fields)
+    for i, slot in enumerate(slots):
+        _eid_offsets[i] = (<PyMemberDescrObject*>slot).d_member.offset
+        _eid_suffix[i] = _eid_factories[i] is new_suffix
     _as_array, _to_torch, _eid_type = as_array, to_torch, eid_type
 
 
 cdef object _new_eid():
-    """``EID()``: the instance made without the Python call, its slots set from defaults."""
+    """``EID()``: the instance made without the Python call, each slot set from its default.
+    A new instance's slots are empty (NULL): each is filled in place, as the slot descriptor
+    would do it, without the descriptor call."""
     eid = _bare(_eid_type)
     cdef Py_ssize_t i
     for i in range(len(_eid_slots)):
-        slot = _eid_slots[i]
         factory = _eid_factories[i]
-        Py_TYPE(slot).tp_descr_set(slot, eid, _eid_defaults[i] if factory is None else factory())
+        if factory is None:
+            value = _eid_defaults[i]
+        elif _eid_suffix[i]:
+            value = _suffix()
+        else:
+            value = factory()
+        Py_INCREF(value)
+        (<PyObject**>(<char*><PyObject*>eid + _eid_offsets[i]))[0] = <PyObject*>value
     return eid
 
 
