@@ -93,6 +93,8 @@ def _freeze_startup_heap() -> None:
 
 def _check_tasks(batch_id: BatchId, tasks: list) -> None:
     for i, task in enumerate(tasks):
+        if type(task) is Task and type(task.repeat_times) is int and task.repeat_times >= 1:
+            continue    # the common case: two thirds of the time of the checks below
         if not isinstance(task, Task):
             raise TypeError(f"task {i} of batch {batch_id}: expected a fastrollout.Task, "
                             f"got {type(task).__name__}")
