@@ -32,7 +32,7 @@ RunResult = tuple[bool, list, list, str | None]
 class Slot:
     """A place to run one sub-task at a time, bound to one engine (and auxiliary engines)."""
 
-    __slots__ = ("index", "engine_index", "engine", "aux_engines", "workflow", "timer")
+    __slots__ = ("index", "engine_index", "engine", "aux_engines", "workflow", "timer", "clients")
 
     def __init__(self, index: int, engine_index: int, engine: InferenceModel,
                  aux_engines: list[InferenceModel]) -> None:
@@ -43,6 +43,9 @@ class Slot:
         self.workflow: Workflow | None = None   # kept for reuse by resettable workflows
         # The attempt timer of the slot's workers; it outlives them (see AttemptTimer).
         self.timer: AttemptTimer | None = None
+        # The model clients of the attempt in flight, for a canceller to abort their requests.
+        # A cancelled worker keeps its list (the slot gets a new one, as for the timer).
+        self.clients: list[ModelClient] = []
 
 
 class AttemptTimer:
@@ -134,20 +137,20 @@ class Runner:
 
     async def run_with_retry(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
                              timeout: float, collect_partial_runs: bool,
-                             keep_experiences: bool, clients_out: list,
-                             timer: AttemptTimer) -> Outcome:
+                             keep_experiences: bool, timer: AttemptTimer) -> Outcome:
         """Run up to ``max_retry_times + 1`` attempts, each bounded by ``timeout`` seconds.
 
         Runs inside the worker task that ``timer`` belongs to. ``task.rollout_args.n`` is
         already ``repeat_times`` (the scheduler sets it). With ``keep_experiences`` false
         (eval) the runs' experiences are dropped unstamped.
 
-        ``clients_out`` receives the model clients of the attempt in flight, so that a
+        ``slot.clients`` holds the model clients of the attempt in flight, so that a
         canceller can abort their engine requests without this coroutine's help.
         Raises EngineDeadError when the slot's engine died (the caller reschedules).
         """
         start = time.perf_counter()
         loop = timer.loop
+        clients_out = slot.clients
         for attempt in range(1, self.max_retry_times + 2):
             if timer.task.cancelling():     # cancelled, but a workflow swallowed it
                 raise asyncio.CancelledError
@@ -180,8 +183,14 @@ class Runner:
                         elapsed = time.perf_counter() - run_start
                         if workflow.can_reset:
                             slot.workflow = workflow
-                        outcome = _repeated(task, repeat_times, exps, elapsed, version,
-                                            slot.engine.model_version, keep_experiences)
+                        # One run made every repeat: each experience's metrics are a run's.
+                        metrics = [{**exp.metrics, "time/run_execution": elapsed}
+                                   for exp in exps if exp.metrics]
+                        if keep_experiences:
+                            _stamp(task, exps, version, slot.engine.model_version)
+                        else:
+                            exps = []
+                        outcome = Outcome(repeat_times, repeat_times, metrics, None, exps)
                     else:
                         results = await self._attempt(task, repeat_times, slot, clients,
                                                       collect_partial_runs)
@@ -300,17 +309,6 @@ def _instance(task: Task, clients: list[ModelClient], reusable: Workflow | None)
         reusable.reset(task)
         return reusable
     return task.workflow(task=task, model=clients[0], auxiliary_models=clients[1:])
-
-
-def _repeated(task: Task, repeat_times: int, exps: list, elapsed: float, version_before: int,
-              version_after: int, keep: bool) -> Outcome:
-    """The outcome of a repeatable workflow's one run, which produced every repeat: each
-    experience's metrics are one run's metrics."""
-    metrics = [{**exp.metrics, "time/run_execution": elapsed} for exp in exps if exp.metrics]
-    if not keep:
-        return Outcome(repeat_times, repeat_times, metrics, None, [])
-    _stamp(task, exps, version_before, version_after)
-    return Outcome(repeat_times, repeat_times, metrics, None, exps)
 
 
 def _collect(task: Task, repeat_times: int, run_id_base: int, results: list[RunResult],

@@ -91,7 +91,7 @@ class TaskRecord:
 
 
 class SubTask:
-    __slots__ = ("record", "repeat_times", "run_id_base", "handle", "slot", "clients")
+    __slots__ = ("record", "repeat_times", "run_id_base", "handle", "slot")
 
     def __init__(self, record: TaskRecord, repeat_times: int, run_id_base: int) -> None:
         self.record = record
@@ -99,7 +99,6 @@ class SubTask:
         self.run_id_base = run_id_base
         self.handle: asyncio.Task | None = None
         self.slot: Slot | None = None
-        self.clients: list = []         # model clients of the attempt in flight
 
 
 class BatchQueue:
@@ -307,7 +306,7 @@ class Scheduler:
                         record.view(sub.repeat_times), sub.repeat_times, sub.run_id_base,
                         sub.slot, self.config.max_timeout if record.is_eval else self.timeout(),
                         self.config.over_rollout.return_partial_tasks, not record.is_eval,
-                        sub.clients, timer)
+                        timer)
                 except asyncio.CancelledError:
                     if sub.slot is not None:    # loop shutdown, not cancel_batch
                         self._release(sub)
@@ -407,10 +406,12 @@ class Scheduler:
         for sub in list(batch.running):
             # Abort engine requests here, not only in the runner's cleanup: a workflow
             # that swallows cancellation must not keep its requests alive.
-            waits.extend(asyncio.ensure_future(c.abort_all()) for c in sub.clients)
+            waits.extend(asyncio.ensure_future(c.abort_all()) for c in sub.slot.clients)
             sub.handle.cancel()
             waits.append(sub.handle)
-            sub.slot.timer = None       # the cancelled worker keeps its own; the next gets one
+            # The cancelled worker keeps its timer and client list; the next gets new ones.
+            sub.slot.timer = None
+            sub.slot.clients = []
             self._release(sub)
         partial = [r for r in batch.unfinished.values() if not r.finished and r.completed_runs > 0]
         for record in batch.unfinished.values():
