@@ -38,6 +38,18 @@ cdef int _import_metrics() except -1:
     return 0
 
 
+cdef inline bint _number(object item, double* value) except -1:
+    """A metric value counts if it is an int or a float (bools and float subclasses too, as
+    in Trinity): stored in ``value``, True. Anything else is skipped: False."""
+    if type(item) is float:
+        value[0] = item
+    elif isinstance(item, (int, float)):
+        value[0] = float(item)
+    else:
+        return False
+    return True
+
+
 def single_run_metrics(metric_dict, bint is_eval):
     """What ``calculate_task_level_metrics([metric_dict], is_eval)`` gives, each value reduced
     alone; None when that does not hold: two keys share a group, or an eval task has a mean
@@ -48,11 +60,7 @@ def single_run_metrics(metric_dict, bint is_eval):
         _import_metrics()
     out = {}
     for key, item in metric_dict.items():
-        if type(item) is float:
-            value = item
-        elif isinstance(item, (int, float)):
-            value = float(item)
-        else:
+        if not _number(item, &value):
             continue
         group, plus_zero, eval_alone = <tuple>_single_plan(key)
         if group in out or (is_eval and not eval_alone):
@@ -116,11 +124,7 @@ cdef class MetricTally:
         cdef double value, total, s, delta
         cdef Group* g
         for key, item in metrics.items():
-            if type(item) is float:
-                value = item
-            elif isinstance(item, (int, float)):
-                value = float(item)
-            else:
+            if not _number(item, &value):
                 continue
             number = self._by_key.get(key)
             g = &self._groups[self._group(key) if number is None else <Py_ssize_t>number]
