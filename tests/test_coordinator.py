@@ -627,6 +627,49 @@ async def test_auxiliary_models_are_spread_over_slots_like_trinity():
         await coord.shutdown()
 
 
+class _RecordsRequestIds(SimulatedEngine):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.request_ids = []
+
+    async def generate(self, prompt_token_ids, params, *, request_id):
+        self.request_ids.append(request_id)
+        return await super().generate(prompt_token_ids, params, request_id=request_id)
+
+
+async def test_request_ids_name_batch_task_run_and_attempt():
+    # "{batch}/{task}/{run_id_base}/{attempt}-{k}", "/aux{j}" for auxiliary models: the ids
+    # by which an attempt's requests are aborted, and which engines log.
+    class TwoRequests(Workflow):
+        is_async = True
+
+        async def run_async(self):
+            await self.model.generate_async(["a"])
+            await self.auxiliary_models[0].generate_async(["judge"])
+            if self.task.raw_task["i"] == 1 and self.task.workflow_args.setdefault("tries", 0) < 1:
+                self.task.workflow_args["tries"] += 1
+                raise RuntimeError("first attempt fails")
+            return await self.model.generate_async(["b"])
+
+    rollout, judge = _RecordsRequestIds(), _RecordsRequestIds(seed=1)
+    coord = RolloutCoordinator(make_config(runner_per_model=1, max_retry_times=1,
+                                           max_repeat_times_per_runner=2),
+                               [rollout], [[judge]])
+    await coord.prepare()
+    try:
+        await coord.submit_batch(batch_id="3/eval", tasks=tasks(2, TwoRequests, repeat=3),
+                                 batch_type="eval")
+        await coord.finalize_eval_batch("3/eval", timeout=5)
+    finally:
+        await coord.shutdown()
+    # Task 0: two sub-tasks (runs 0-1 and 2), sequential runs share a client per attempt.
+    assert rollout.request_ids[:6] == ["3/eval/0/0/1-1", "3/eval/0/0/1-2", "3/eval/0/0/1-3",
+                                       "3/eval/0/0/1-4", "3/eval/0/2/1-1", "3/eval/0/2/1-2"]
+    assert "3/eval/1/0/2-1" in rollout.request_ids      # task 1's second attempt
+    assert judge.request_ids[:3] == ["3/eval/0/0/1/aux0-1", "3/eval/0/0/1/aux0-2",
+                                     "3/eval/0/2/1/aux0-1"]
+
+
 async def test_full_memory_sink_fails_finalize_without_losing_the_batch():
     from fastrollout.pipeline import PipelineFullError
     config = Config.from_dict({"explorer": {"runner_per_model": 4},
