@@ -430,8 +430,9 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
 
 @functools.lru_cache(maxsize=8192)
 def _single_plan(key: str) -> tuple[str, bool, bool]:
-    """For ``single_run_metrics`` (native/tally.pyx): the key's group, whether its one value is summed (a mean or
-    a sum) and whether an eval task may reduce it alone (it is not a mean, or is a time)."""
+    """For ``single_run_metrics`` (native/tally.pyx): the key's group, whether its one value
+    is summed (a mean or a sum) and whether an eval task may reduce it alone (it is not a
+    mean, or is a time)."""
     group, agg = _by_canonical(key)
     return group, agg is _MEAN or agg is _SUM, agg is not _MEAN or _is_time_key(group)
 
