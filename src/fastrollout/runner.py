@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from .experience import Experience
     from .workflow import Workflow
 
-# One run's outcome: (ok, experiences, run metrics, error message). A repeatable
-# workflow's single run() yields one RunResult holding every repeat's metrics.
+# One run's outcome: (ok, experiences, run metrics, error message), for workflows that
+# are not repeatable (a repeatable workflow's one run becomes its Outcome directly).
 RunResult = tuple[bool, list, list, str | None]
 
 

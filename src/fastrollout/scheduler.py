@@ -188,8 +188,9 @@ class Scheduler:
         return BatchRun(batch_id, is_eval, self.table.add_batch(), on_task_done)
 
     def submit(self, batch: BatchRun, tasks: list[Task]) -> None:
-        """Queue ``tasks`` (task_id = index in this call) and dispatch at once."""
-        batch.queue.tasks = list(tasks)
+        """Queue ``tasks`` (task_id = index in this call) and dispatch at once. The list
+        becomes the queue's: the coordinator hands over its own checked copy."""
+        batch.queue.tasks = tasks
         self._enqueue(batch)
         self.dispatch()
 
@@ -199,15 +200,13 @@ class Scheduler:
         ``ready``."""
         k = self.config.max_repeat_times_per_runner
         repeat = task.repeat_times
-        if not k or repeat <= k:
-            record = TaskRecord(task, i, self.table.add_task(batch.bslot, repeat, 1), batch)
-            batch.unfinished[i] = record
-            return SubTask(record, repeat, 0)
-        bases = range(0, repeat, k)
-        record = TaskRecord(task, i, self.table.add_task(batch.bslot, repeat, len(bases)), batch)
+        later = range(k, repeat, k) if k else ()    # run id bases of the second and later
+        record = TaskRecord(task, i, self.table.add_task(batch.bslot, repeat, 1 + len(later)),
+                            batch)
         batch.unfinished[i] = record
-        ready.extend(SubTask(record, min(k, repeat - base), base) for base in bases[1:])
-        return SubTask(record, k, 0)
+        if later:
+            ready.extend(SubTask(record, min(k, repeat - base), base) for base in later)
+        return SubTask(record, min(k, repeat) if k else repeat, 0)
 
     def _enqueue(self, batch: BatchRun) -> None:
         key = batch_priority(batch.batch_id)
