@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from fastrollout import Config, Experience
-from fastrollout.pipeline import CHUNK, ExperiencePipeline, PipelineFullError
+from fastrollout.errors import PipelineFullError
+from fastrollout.pipeline import CHUNK, ExperiencePipeline
 
 
 def exps(n, start=0):

@@ -1,17 +1,25 @@
-"""Scheduler and runner pieces that stand alone: batch priority order, attempt timeouts,
-the copies of started tasks and their final statuses."""
+"""The scheduler: batch priority, dispatch onto the least-loaded engine, sub-task splitting,
+engine death, dynamic timeouts, and the ledger's view of a batch's progress."""
+from __future__ import annotations
+
 import asyncio
-import dataclasses
-import gc
-import pickle
+import types
 
 import pytest
 
-from fastrollout import GenerationConfig, Status, Task
-from fastrollout.runner import AttemptTimer
+from fastrollout import EngineDeadError, RolloutCoordinator, Task, Workflow
+from fastrollout.engines import SimulatedEngine
 from fastrollout.scheduler import batch_priority
-from fastrollout._native.status import final_status
-from fastrollout.task import started
+
+from harness import Harness, make_config, tasks
+from loopticks import LoopTicks
+from workflows import (CALLS, AsyncWorkflow, RepeatWorkflow, ResettableWorkflow, StubbornWorkflow,
+                       SyncWorkflow)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_call_counts():
+    CALLS.clear()
 
 
 def test_batch_priority_matches_trinity_order():
@@ -19,137 +27,116 @@ def test_batch_priority_matches_trinity_order():
     assert sorted(ids, key=batch_priority) == [1, "1/eval", 2, "2/gsm8k", 10, "10/x", "alpha", "zeta"]
 
 
-# ---- AttemptTimer: one lazily re-armed loop timer for a worker's attempts ----------------
+async def test_batch_priority_order():
+    order = []
 
-async def _attempt(timer: AttemptTimer, timeout: float, work: float) -> bool:
-    """One attempt of ``work`` seconds under ``timeout``; True if it timed out."""
-    timer.start(timeout)
+    class Recording(AsyncWorkflow):
+        async def run_async(self):
+            order.append(self.task.batch_id)
+            return await super().run_async()
+
+    engine = SimulatedEngine()
+    coord = RolloutCoordinator(make_config(runner_per_model=1), [engine])
+    await coord.prepare()
     try:
-        try:
-            await asyncio.sleep(work)
-        finally:
-            expired = timer.stop()
-    except asyncio.CancelledError:
-        assert expired, "a cancellation that is not the timer's must propagate"
-        return True
-    return False
+        # The single slot is busy while the three batches are queued.
+        await coord.submit_batch(batch_id=0, tasks=tasks(1, AsyncWorkflow, sleep=0.05), batch_type="train")
+        await coord.submit_batch(batch_id=2, tasks=tasks(2, Recording), batch_type="train")
+        await coord.submit_batch(batch_id="1/eval", tasks=tasks(1, Recording, is_eval=True), batch_type="eval")
+        await coord.submit_batch(batch_id="other", tasks=tasks(1, Recording, is_eval=True), batch_type="eval")
+        await coord.submit_batch(batch_id=1, tasks=tasks(2, Recording), batch_type="train")
+        for b in (0, 1, 2):
+            await coord.finalize_train_batch(b)
+        await coord.finalize_eval_batch("1/eval")
+        await coord.finalize_eval_batch("other")
+        assert order == [1, 1, "1/eval", 2, 2, "other"]
+    finally:
+        await coord.shutdown()
 
 
-async def _in_worker(body):
-    async def worker():
-        timer = AttemptTimer(asyncio.get_running_loop(), asyncio.current_task())
-        try:
-            return await body(timer)
-        finally:
-            timer.close()
-    return await asyncio.create_task(worker())
+async def test_load_aware_dispatch_across_engines():
+    engines = [SimulatedEngine(ttft=0.01), SimulatedEngine(ttft=0.01)]
+    async with Harness(make_config(runner_per_model=2), engines) as coord:
+        await coord.submit_batch(batch_id=0, tasks=tasks(8, AsyncWorkflow, generate=True),
+                                 batch_type="train")
+        await coord.finalize_train_batch(0)
+        assert engines[0].requests_received == engines[1].requests_received == 4
 
 
-async def test_attempt_timer_expires_only_the_attempt_past_its_deadline():
-    async def body(timer):
-        fast = await _attempt(timer, 0.2, 0)
-        slow = await _attempt(timer, 0.05, 0.5)
-        after = await _attempt(timer, 5, 0.01)
-        return fast, slow, after, asyncio.current_task().cancelling()
-    assert await _in_worker(body) == (False, True, False, 0)
+async def test_workflows_that_never_suspend_do_not_hold_the_loop():
+    # One slot runs every task back to back in one worker; it must still let others run.
+    async with Harness(make_config(runner_per_model=1)) as coord, LoopTicks() as ticks:
+        await coord.submit_batch(batch_id=0, tasks=tasks(640, AsyncWorkflow), batch_type="train")
+        before = ticks.count
+        result = await coord.finalize_train_batch(0, timeout=30)
+        during = ticks.count - before
+    assert result["finished_task_count"] == 640
+    assert during >= 20     # the worker yields every few tasks (here ~40 times)
 
 
-async def test_attempt_timer_rearms_for_a_later_deadline():
-    async def body(timer):
-        await _attempt(timer, 0.05, 0)          # arms a timer for ~now + 0.05
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        # The early timer fires mid-attempt and must re-arm, not expire this one.
-        survived = not await _attempt(timer, 0.3, 0.15)
-        started = loop.time()
-        expired = await _attempt(timer, 0.1, 1.0)
-        return survived, expired, loop.time() - started, loop.time() - start
-    survived, expired, took, _ = await _in_worker(body)
-    assert survived and expired and 0.09 <= took < 0.5
+async def test_repeat_splitting_gives_unique_run_ids():
+    async with Harness(make_config(max_repeat_times_per_runner=3)) as coord:
+        await coord.submit_batch(batch_id=0, tasks=tasks(2, RepeatWorkflow, repeat=8), batch_type="train")
+        state = coord.pending_batches[0]
+        result = await coord.finalize_train_batch(0)
+        assert result["finished_task_count"] == 2
+        assert all(s.ok and s.total_runs == 8 for s in state.statuses.values())
+        exps = coord.take_experiences(0).to_experiences()
+        assert len(exps) == 16
+        assert len({e.eid.rid for e in exps}) == 16 and len({e.eid.uid for e in exps}) == 16
+        assert {e.eid.tid for e in exps} == {"0/0", "0/1"}
+        assert sorted(e.eid.run for e in exps if e.eid.task == 0) == list(range(8))
+        # run_metrics are 0..7 per task whatever the split: the task mean is 3.5
+        assert result["metrics"]["rollout/run_metrics/mean"] == 3.5
 
 
-async def test_attempt_timer_moves_an_armed_timer_earlier():
-    async def body(timer):
-        await _attempt(timer, 60, 0)            # armed far in the future
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        expired = await _attempt(timer, 0.05, 1.0)
-        return expired, loop.time() - started
-    expired, took = await _in_worker(body)
-    assert expired and took < 0.5
+async def test_engine_death_moves_work_to_live_engines():
+    engines = [SimulatedEngine(die_after=2), SimulatedEngine()]
+    async with Harness(make_config(runner_per_model=2), engines) as coord:
+        await coord.submit_batch(batch_id=0, tasks=tasks(12, AsyncWorkflow, generate=True), batch_type="train")
+        state = coord.pending_batches[0]
+        result = await coord.finalize_train_batch(0)
+        assert result["finished_task_count"] == 12
+        assert all(s.ok for s in state.statuses.values())
+        assert engines[0].is_dead
 
 
-async def test_attempt_timer_leaves_an_idle_worker_alone():
-    async def body(timer):
-        await _attempt(timer, 0.02, 0)
-        await asyncio.sleep(0.1)                # the timer fires with no attempt in flight
-        return asyncio.current_task().cancelling()
-    assert await _in_worker(body) == 0
+async def test_dynamic_timeout_fails_slow_tasks_after_warmup():
+    config = make_config(max_timeout=5.0, dynamic_timeout={"enable": True, "ratio": 3.0,
+                                                           "warmup_min_steps": 1})
+    async with Harness(config) as coord:
+        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow, sleep=0.02), batch_type="train")
+        await coord.finalize_train_batch(0)
+        # Eval tasks do not feed the mean, however slow they are.
+        await coord.submit_batch(batch_id="0/e", tasks=tasks(2, AsyncWorkflow, sleep=0.3, is_eval=True),
+                                 batch_type="eval")
+        ev_state = coord.pending_batches["0/e"]
+        await coord.finalize_eval_batch("0/e")
+        assert all(s.ok for s in ev_state.statuses.values())   # and are not subject to it
+        await coord.submit_batch(batch_id=1, tasks=tasks(2, AsyncWorkflow, sleep=1.0), batch_type="train")
+        state = coord.pending_batches[1]
+        await coord.finalize_train_batch(1)
+        assert not any(s.ok for s in state.statuses.values())
+        assert all("Timeout (" in s.message for s in state.statuses.values())
 
 
-async def test_cancellation_from_outside_is_not_taken_for_a_timeout():
-    async def body(timer):
-        task = asyncio.current_task()
-        asyncio.get_running_loop().call_later(0.02, task.cancel)
-        timer.start(5)
-        try:
-            await asyncio.sleep(1)
-        finally:
-            expired = timer.stop()
-        return expired
-    with pytest.raises(asyncio.CancelledError):
-        await _in_worker(body)
+async def test_auxiliary_models_are_spread_over_slots_like_trinity():
+    class JudgeWorkflow(AsyncWorkflow):
+        async def run_async(self):
+            judged = await self.auxiliary_models[0].generate_async(["judge this"])
+            exps = await super().run_async()
+            exps[0].metrics = {"judge_tokens": float(len(judged[0].tokens))}
+            return exps
 
-
-# ---- started(): what a started task's runs see; final_status(): Status without __init__ ---
-
-def _every_field_set(cls, **fixed):
-    """An instance of the dataclass ``cls`` whose fields all differ from their defaults."""
-    values = {}
-    for i, f in enumerate(dataclasses.fields(cls)):
-        values[f.name] = fixed.get(f.name, {"a": i} if f.type in ("dict",) else
-                                   f"v{i}" if "str" in str(f.type) else i + 7)
-    return cls(**values)
-
-
-def test_started_copies_every_field_as_replace_does():
-    args = _every_field_set(GenerationConfig, n=2)
-    task = _every_field_set(Task, workflow=object, rollout_args=args)
-    view = started(task, "3/eval", 5, 8)
-    assert view == dataclasses.replace(task, batch_id="3/eval", task_id=5,
-                                       rollout_args=dataclasses.replace(args, n=8))
-    assert type(view) is Task and type(view.rollout_args) is GenerationConfig
-    # the caller's objects are untouched; containers are shared, as replace() shares them
-    assert (task.batch_id, task.task_id, args.n) != ("3/eval", 5, 8) and args.n == 2
-    assert view.workflow_args is task.workflow_args and view.raw_task is task.raw_task
-    assert started(task, 1, 2, 2).rollout_args is args      # n already right: no copy
-
-
-def test_started_keeps_subclasses_and_their_fields():
-    @dataclasses.dataclass
-    class MyArgs(GenerationConfig):
-        stop: str = ""
-
-    @dataclasses.dataclass
-    class MyTask(Task):
-        level: int = 0
-
-    task = MyTask(workflow=object, rollout_args=MyArgs(stop="x"), level=3)
-    view = started(task, 1, 0, 4)
-    assert type(view) is MyTask and view.level == 3 and view.task_id == 0
-    assert type(view.rollout_args) is MyArgs and view.rollout_args.stop == "x"
-    assert view.rollout_args.n == 4 and task.rollout_args.n == 1
-
-
-def test_final_status_is_a_frozen_status():
-    task_metrics = {"time/task_execution": 1.0}
-    status = final_status(Status, 2, 4, task_metrics, "2/4 runs completed successfully.")
-    assert status == Status(2, 4, [task_metrics], "2/4 runs completed successfully.")
-    assert type(status) is Status and not status.ok and status.metrics[0] is task_metrics
-    # a batch's statuses are not walked by the GC (nothing in them can form a cycle)
-    assert not gc.is_tracked(status) and not gc.is_tracked(status.metrics)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        status.completed_runs = 4
-    assert pickle.loads(pickle.dumps(status)) == status
-    assert dataclasses.asdict(status) == dataclasses.asdict(Status(2, 4, [task_metrics],
-                                                                   status.message))
+    rollout = [SimulatedEngine(ttft=0.005)]
+    judges = [SimulatedEngine(ttft=0.005, seed=1), SimulatedEngine(ttft=0.005, seed=2)]
+    coord = RolloutCoordinator(make_config(runner_per_model=4), rollout, [judges])
+    await coord.prepare()
+    try:
+        await coord.submit_batch(batch_id=0, tasks=tasks(8, JudgeWorkflow), batch_type="train")
+        result = await coord.finalize_train_batch(0)
+        assert result["metrics"]["rollout/judge_tokens/mean"] > 0
+        # slot i uses auxiliary engine i % 2: both judges share the work
+        assert judges[0].requests_received == judges[1].requests_received == 4
+    finally:
+        await coord.shutdown()

@@ -98,3 +98,16 @@ class StubbornWorkflow(Workflow):
         except asyncio.CancelledError:
             await asyncio.sleep(self.task.workflow_args.get("linger", 0.5))
         return [_experience(self.task)]
+
+
+class SplitSleepWorkflow(RepeatWorkflow):
+    """Sub-task with run_id_base 0 returns at once; later sub-tasks hang."""
+
+    fast_done = False
+
+    async def run_async(self):
+        if self.run_id_base:
+            await asyncio.sleep(30)
+        exps = await super().run_async()
+        type(self).fast_done = True
+        return exps

@@ -13,14 +13,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "FastRolloutError": ".errors", "ConfigError": ".errors", "PayloadError": ".errors",
-    "EngineError": ".errors", "EngineDeadError": ".errors",
+    "EngineError": ".errors", "EngineDeadError": ".errors", "PayloadHeaderError": ".errors",
+    "UnsafePickleError": ".errors", "PipelineFullError": ".errors", "StatusError": ".errors",
     "Config": ".config", "ExplorerConfig": ".config", "OverRolloutConfig": ".config",
     "DynamicTimeoutConfig": ".config", "MonitorConfig": ".config", "PipelineConfig": ".config",
     "Task": ".task", "GenerationConfig": ".task", "Status": ".task",
     "Workflow": ".workflow",
     "Experience": ".experience", "EID": ".experience", "ExperienceBatch": ".experience",
     "RolloutCoordinator": ".coordinator", "BatchState": ".coordinator",
-    "BatchLifecycleState": ".coordinator",
+    "BatchLifecycleState": ".coordinator", "BatchProgress": ".coordinator",
     "ModelClient": ".engines", "InferenceModel": ".engines", "Completion": ".engines",
 }
 
@@ -37,10 +38,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .config import (Config, DynamicTimeoutConfig, ExplorerConfig, MonitorConfig,
                          OverRolloutConfig, PipelineConfig)
-    from .coordinator import BatchLifecycleState, BatchState, RolloutCoordinator
+    from .coordinator import BatchLifecycleState, BatchProgress, BatchState, RolloutCoordinator
     from .engines import Completion, InferenceModel, ModelClient
     from .errors import (ConfigError, EngineDeadError, EngineError, FastRolloutError,
-                         PayloadError)
+                         PayloadError, PayloadHeaderError, PipelineFullError, StatusError,
+                         UnsafePickleError)
     from .experience import EID, Experience, ExperienceBatch
     from .task import GenerationConfig, Status, Task
     from .workflow import Workflow

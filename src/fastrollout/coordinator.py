@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._native.ledger import BatchProgress
 from .config import Config
 from .experience import decode_payloads
 from .metrics import MetricTally
 from .pipeline import ExperiencePipeline
 from .runner import Runner
 from .scheduler import BatchRun, Scheduler, TaskRecord
-from .task import Task
+from .task import MAX_REPEAT_TIMES, Task
 from .threads import WorkerPool
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 # How long cancelled work may take to unwind (engine aborts included) before it is
 # left behind and counted as detached.
 CANCEL_GRACE = 2.0
+# process_experiences decodes payloads larger than this in a worker thread, off the loop.
+OFF_LOOP_BYTES = 1 << 20
 
 BatchId = int | str
 
@@ -79,11 +82,11 @@ _heap_frozen = False
 
 
 def _freeze_startup_heap() -> None:
-    """Once per process, at the first prepare(): what exists then (modules, torch, engines,
-    tokenizers) lives as long as the process. Frozen, it is no longer re-walked by every full
-    collection: with torch and vLLM loaded one walk costs ~0.3 s, and the garbage of a
-    4096-task batch triggers one. vLLM's engine core freezes its heap after start-up too.
-    Only once, so that objects of later coordinators stay collectable."""
+    """Once per process (``Config.freeze_heap``): what exists at the first prepare()
+    (modules, torch, engines, tokenizers) is moved out of the collector's sight, so that
+    full collections, which the garbage of a large batch triggers, stop re-walking it (with
+    torch and vLLM loaded one walk costs ~0.3 s). Opt-in: anything of the caller's alive
+    then is never collected after it dies, if it is part of a cycle."""
     global _heap_frozen
     if not _heap_frozen:
         _heap_frozen = True
@@ -91,21 +94,57 @@ def _freeze_startup_heap() -> None:
         gc.freeze()
 
 
+def _check_batch_id(batch_id: Any) -> BatchId:
+    """An int (numpy ints count, as ints) or a str; anything else raises here, before
+    anything is registered."""
+    if isinstance(batch_id, str):
+        return batch_id
+    if not isinstance(batch_id, bool):
+        try:
+            return operator.index(batch_id)
+        except TypeError:
+            pass
+    raise TypeError(f"batch_id must be an int or a str, got {type(batch_id).__name__} "
+                    f"{batch_id!r:.60}")
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_min_wait_num(min_wait_num: Any) -> int | None:
+    if min_wait_num is None:
+        return None
+    try:
+        value = None if isinstance(min_wait_num, bool) else operator.index(min_wait_num)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"min_wait_num must be None or a positive int, got {min_wait_num!r}")
+    return value
+
+
 def _check_tasks(batch_id: BatchId, tasks: list) -> None:
     for i, task in enumerate(tasks):
-        if type(task) is Task and type(task.repeat_times) is int and task.repeat_times >= 1:
+        repeat = task.repeat_times if type(task) is Task else None
+        if type(repeat) is int and 1 <= repeat <= MAX_REPEAT_TIMES:
             continue    # the common case: two thirds of the time of the checks below
         if not isinstance(task, Task):
             raise TypeError(f"task {i} of batch {batch_id}: expected a fastrollout.Task, "
                             f"got {type(task).__name__}")
         repeat = task.repeat_times
         try:
-            ok = not isinstance(repeat, bool) and operator.index(repeat) >= 1
+            ok = not isinstance(repeat, bool) and 1 <= operator.index(repeat) <= MAX_REPEAT_TIMES
         except TypeError:
             ok = False
         if not ok:
-            raise ValueError(f"task {i} of batch {batch_id}: repeat_times must be a positive "
-                             f"int, got {repeat!r}")
+            raise ValueError(f"task {i} of batch {batch_id}: repeat_times must be an int from 1 "
+                             f"to {MAX_REPEAT_TIMES}, got {repeat!r}")
 
 
 class RolloutCoordinator:
@@ -113,6 +152,11 @@ class RolloutCoordinator:
 
     The engines belong to the caller: ``prepare()`` prepares them, ``shutdown()``
     aborts this coordinator's requests on them but leaves them running.
+
+    ``config.mode`` has Trinity's meaning: ``bench`` runs no experience pipeline (train
+    experiences are dropped, ``process_experiences`` refuses), ``serve`` runs no
+    scheduler (only ``process_experiences``); ``both``, ``explore``, ``train`` and
+    ``colocate`` run both.
     """
 
     def __init__(self, config: Config, rollout_model: list[InferenceModel],
@@ -124,40 +168,53 @@ class RolloutCoordinator:
         self._scheduler: Scheduler | None = None
         self._pipeline: ExperiencePipeline | None = None
         self._pool: WorkerPool | None = None
-        self._fatal: BaseException | None = None
+        self._prepared = False
         self.detached_tasks = 0     # cancelled work that ignored cancellation (left behind)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def prepare(self) -> None:
-        if self._scheduler is not None:
+        if self._prepared:
             return
-        engines = self.rollout_model + [e for models in self.auxiliary_models for e in models]
+        mode = self.config.mode
+        engines = [] if mode == "serve" else \
+            self.rollout_model + [e for models in self.auxiliary_models for e in models]
         await asyncio.gather(*(e.prepare() for e in {id(e): e for e in engines}.values()))
-        _freeze_startup_heap()
-        explorer = self.config.explorer
-        self._pool = WorkerPool()
-        runner = Runner(concurrent_mode=explorer.concurrent_mode,
-                        max_retry_times=explorer.max_retry_times, pool=self._pool)
-        self._scheduler = Scheduler(explorer, self.rollout_model, self.auxiliary_models, runner,
-                                    on_fatal=self._on_fatal)
-        self._pipeline = ExperiencePipeline(self.config.pipeline)
-        self._fatal = None
+        if self.config.freeze_heap:
+            _freeze_startup_heap()
+        if mode != "serve":
+            explorer = self.config.explorer
+            self._pool = WorkerPool()
+            runner = Runner(concurrent_mode=explorer.concurrent_mode, pool=self._pool)
+            self._scheduler = Scheduler(explorer, self.rollout_model, self.auxiliary_models,
+                                        runner, on_engines_dead=self._wake_all)
+        if mode != "bench":
+            self._pipeline = ExperiencePipeline(self.config.pipeline)
+        self._prepared = True
 
     async def shutdown(self) -> None:
-        """Cancel all in-flight work (aborting its engine requests) within a bounded time."""
-        scheduler = self._scheduler
-        if scheduler is None:
+        """Cancel all in-flight work (aborting its engine requests) within a bounded time.
+        Always completes: a failure on the way is logged and the rest still runs."""
+        if not self._prepared:
             return
-        waits = []
+        self._prepared = False
+        scheduler, self._scheduler = self._scheduler, None
+        waits: list = []
         for state in list(self.pending_batches.values()):
-            waits += self._close_unfinished(state, keep_partial=False)
-            self._conclude(state, BatchLifecycleState.ABORTED, {})
-        scheduler.close()
-        self._scheduler = None
+            try:
+                if scheduler is not None:
+                    waits += scheduler.cancel_batch(state._run, keep_partial=False)
+                    scheduler.release_batch(state._run)
+            except Exception:
+                logger.exception("shutdown: cancelling batch %s failed", state.batch_id)
+            self._end(state, BatchLifecycleState.ABORTED, {})
+        self.pending_batches.clear()
+        if scheduler is not None:
+            scheduler.close()
         await self._settle(waits)
-        self._pool.close()
-        self._pool = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         self._pipeline = None
 
     @property
@@ -170,33 +227,39 @@ class RolloutCoordinator:
     async def submit_batch(self, *, batch_id: BatchId, tasks: list[Task],
                            batch_type: Literal["train", "eval"],
                            min_wait_num: int | None = None) -> None:
-        scheduler = self._require()
+        scheduler = self._require_scheduler()
+        batch_id = _check_batch_id(batch_id)
         if batch_type not in ("train", "eval"):
             raise ValueError(f"batch_type must be 'train' or 'eval', got {batch_type!r}")
+        min_wait_num = _check_min_wait_num(min_wait_num)
         existing = self.pending_batches.get(batch_id)
         if existing is not None and existing.state not in _DONE:
             raise ValueError(f"Batch {batch_id} is already active.")
         tasks = list(tasks)
         _check_tasks(batch_id, tasks)   # the scheduler reads a task only when it starts
+        # Everything is checked: from here on nothing raises, so a batch is registered whole.
+        scheduler.dead_error()          # engines that came back take work again
         state = BatchState(batch_id=batch_id, batch_type=batch_type,
                            expected_task_count=len(tasks), min_wait_num=min_wait_num)
-        state._run = scheduler.new_batch(batch_id, batch_type == "eval",
-                                         functools.partial(self._book, state))
+        state._run = scheduler.new_batch(batch_id, batch_type == "eval", len(tasks),
+                                         functools.partial(self._task_finished, state))
         self.pending_batches[batch_id] = state
         if tasks:
             state.state = BatchLifecycleState.RUNNING
             scheduler.submit(state._run, tasks)
 
     async def finalize_train_batch(self, batch_id: int, *, timeout: float | None = None) -> dict:
+        timeout = _check_timeout(timeout)
         return await self._finalize(self._get_batch_state(batch_id, "train"), timeout)
 
     async def finalize_eval_batch(self, batch_id: str, *, timeout: float | None = None) -> dict:
+        timeout = _check_timeout(timeout)
         return await self._finalize(self._get_batch_state(batch_id, "eval"), timeout)
 
     async def abort_batch(self, batch_id: BatchId, *, reason: str,
                           keep_partial_results: bool = False) -> None:
-        self._require()
-        state = self.pending_batches.get(batch_id)
+        self._require_scheduler()
+        state = self.pending_batches.get(_check_batch_id(batch_id))
         if state is None or state.state in _DONE:
             return
         logger.warning("Abort batch %s: %s", batch_id, reason)
@@ -206,20 +269,36 @@ class RolloutCoordinator:
         else:
             state.statuses.clear()
             state._tally = MetricTally()
-            self._pipeline.discard(batch_id)
+            if self._pipeline is not None:
+                self._pipeline.discard(state.batch_id)
             metrics = {}
         self._conclude(state, BatchLifecycleState.ABORTED, metrics)
         await self._settle(waits)
 
+    def batch_progress(self, batch_id: BatchId) -> BatchProgress:
+        """How an active batch's tasks stand: queued, running, done, failed, cancelled, and
+        retries so far (read from the task ledger, O(1))."""
+        scheduler = self._require_scheduler()
+        state = self.pending_batches.get(_check_batch_id(batch_id))
+        if state is None:
+            raise KeyError(f"Batch {batch_id} is not registered.")
+        return scheduler.progress(state._run)
+
     async def process_experiences(self, payloads: list[bytes]) -> dict:
-        """Decode payloads (ours or Trinity's TRXP) and run them through the pipeline."""
-        self._require()
-        return self._pipeline.process(decode_payloads(payloads))
+        """Decode payloads (ours or Trinity's TRXP) and run them through the pipeline.
+        Large payload lists are decoded in a worker thread, off the event loop."""
+        pipeline = self._require_pipeline()
+        payloads = list(payloads)
+        size = sum(len(p) if isinstance(p, (bytes, bytearray)) else 0 for p in payloads)
+        if size > OFF_LOOP_BYTES:
+            batch = await asyncio.to_thread(decode_payloads, payloads)
+        else:
+            batch = decode_payloads(payloads)
+        return pipeline.process(batch)
 
     def take_experiences(self, batch_id: BatchId) -> ExperienceBatch | None:
         """The finalized experiences of a train batch, handed over once (None if none)."""
-        self._require()
-        return self._pipeline.take(batch_id)
+        return self._require_pipeline().take(_check_batch_id(batch_id))
 
     @classmethod
     def get_actor(cls, config: Config, models: list, auxiliary_models: list | None = None) -> Any:
@@ -233,40 +312,52 @@ class RolloutCoordinator:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _require(self) -> Scheduler:
-        if self._scheduler is None:
+    def _require_scheduler(self) -> Scheduler:
+        if not self._prepared:
             raise RuntimeError("RolloutCoordinator is not prepared: await coordinator.prepare() first")
+        if self._scheduler is None:
+            raise RuntimeError("RolloutCoordinator in mode 'serve' runs no scheduler: only "
+                               "process_experiences() is available")
         return self._scheduler
 
+    def _require_pipeline(self) -> ExperiencePipeline:
+        if not self._prepared:
+            raise RuntimeError("RolloutCoordinator is not prepared: await coordinator.prepare() first")
+        if self._pipeline is None:
+            raise RuntimeError("RolloutCoordinator in mode 'bench' runs no experience pipeline")
+        return self._pipeline
+
     def _get_batch_state(self, batch_id: BatchId, expected_type: str) -> BatchState:
-        self._require()
-        state = self.pending_batches.get(batch_id)
+        self._require_scheduler()
+        state = self.pending_batches.get(_check_batch_id(batch_id))
         if state is None:
             raise KeyError(f"Batch {batch_id} is not registered.")
         if state.batch_type != expected_type:
             raise ValueError(f"Batch {batch_id} is {state.batch_type}, expected {expected_type}.")
         return state
 
-    def _book(self, state: BatchState, record: TaskRecord) -> None:
-        """A task reached a final status (or is kept as a partial result)."""
-        status = record.status()
-        state.statuses[record.task_id] = status
+    def _task_finished(self, state: BatchState, record: TaskRecord, status: Status) -> None:
+        """A task reached its final status (or is kept as a partial result): its status joins
+        the batch, its experiences the pipeline, and a waiting finalize may wake."""
         state._tally.add(status.metrics[0])
+        state.statuses[record.task_id] = status
         if record.experiences:
-            self._pipeline.stage(state.batch_id, record.experiences)
+            if self._pipeline is not None:
+                self._pipeline.stage(state.batch_id, record.experiences)
             record.experiences = ()
         if state._target is not None and len(state.statuses) >= state._target:
             state._wake.set()
 
-    def _on_fatal(self, error: BaseException) -> None:
-        """Background failure (all engines dead, internal error): every waiter gets it now."""
-        logger.error("rollout coordinator failure: %s", error)
-        self._fatal = error
+    def _wake_all(self, error: BaseException) -> None:
+        """No rollout engine is alive: every waiter wakes now and gets the error."""
+        logger.error("rollout coordinator: %s", error)
         for state in self.pending_batches.values():
             state._wake.set()
 
     async def _wait_for(self, state: BatchState, target: int, timeout: float) -> bool:
-        """Wait until ``target`` tasks of the batch are booked; False at the timeout."""
+        """Wait until ``target`` tasks of the batch are booked; False at the timeout.
+        Raises EngineDeadError while no engine is alive."""
+        scheduler = self._scheduler
         if len(state.statuses) >= target:
             return True
         # The deadline only wakes the waiter (cheaper than asyncio.timeout on the path
@@ -283,8 +374,10 @@ class RolloutCoordinator:
         timer = loop.call_at(deadline, expire) if math.isfinite(deadline) else None
         state._target = target
         try:
-            while len(state.statuses) < target and self._fatal is None \
-                    and state.state not in _DONE:
+            while len(state.statuses) < target and state.state not in _DONE:
+                error = scheduler.dead_error()
+                if error is not None:
+                    raise error
                 if expired:
                     return False
                 state._wake.clear()
@@ -307,14 +400,12 @@ class RolloutCoordinator:
             expected = state.expected_task_count
             target = expected if state.min_wait_num is None else min(state.min_wait_num, expected)
             reached = await self._wait_for(state, target, timeout)
-            if reached and len(state.statuses) < expected and self._fatal is None:
+            if reached and len(state.statuses) < expected and state.final_result is None:
                 # Over-rollout: keep collecting a while after min_wait_num is reached.
                 wait_more = min(explorer.over_rollout.wait_after_min, deadline - loop.time())
                 await self._wait_for(state, expected, max(wait_more, 0.0))
             if state.final_result is not None:          # aborted while we waited
                 return dict(state.final_result)
-            if self._fatal is not None:
-                raise self._fatal
             done = len(state.statuses)
             if state.batch_type == "train" and expected and (done == 0 or done < target):
                 # Nothing is lost: results stay booked for a later finalize or abort.
@@ -336,22 +427,24 @@ class RolloutCoordinator:
             return result
 
     def _close_unfinished(self, state: BatchState, *, keep_partial: bool) -> list:
-        partial, waits = self._scheduler.cancel_batch(state._run)
-        if keep_partial:
-            for record in partial:
-                self._book(state, record)
-        return waits
+        return self._scheduler.cancel_batch(state._run, keep_partial=keep_partial)
 
     def _commit(self, state: BatchState) -> dict:
-        return self._pipeline.commit(state.batch_id) if state.batch_type == "train" else {}
+        if state.batch_type != "train" or self._pipeline is None:
+            return {}
+        return self._pipeline.commit(state.batch_id)
 
     def _conclude(self, state: BatchState, final: BatchLifecycleState, pipeline_metrics: dict) -> dict:
         """Record the result, forget the batch, and wake anyone still waiting on it."""
-        state.state = final
-        state.final_result = self._result(state, pipeline_metrics)
+        result = self._end(state, final, pipeline_metrics)
         if self.pending_batches.get(state.batch_id) is state:
             del self.pending_batches[state.batch_id]
         self._scheduler.release_batch(state._run)
+        return result
+
+    def _end(self, state: BatchState, final: BatchLifecycleState, pipeline_metrics: dict) -> dict:
+        state.state = final
+        state.final_result = self._result(state, pipeline_metrics)
         state._wake.set()
         return dict(state.final_result)
 

@@ -1,4 +1,7 @@
-"""The exception hierarchy: every error is a FastRolloutError and, where one fits, a builtin."""
+"""The exception hierarchy: every error is a FastRolloutError and, where one fits, a builtin.
+
+Native modules raise these too (they import this module), so every error fastrollout raises
+can be caught by its class from ``fastrollout``."""
 
 
 class FastRolloutError(Exception):
@@ -13,9 +16,26 @@ class PayloadError(FastRolloutError, ValueError):
     """An experience payload is corrupt, truncated, hostile or of an unknown format."""
 
 
+class PayloadHeaderError(PayloadError):
+    """A safetensors header inside a TRXP payload is not of the shape safetensors writes."""
+
+
+class UnsafePickleError(PayloadError):
+    """A pickle inside a TRXP payload is malformed, or uses more than plain data."""
+
+
 class EngineError(FastRolloutError, RuntimeError):
     """A recoverable per-request engine failure; the task may be retried."""
 
 
 class EngineDeadError(EngineError):
     """The engine is gone for good: its slots stop taking work."""
+
+
+class PipelineFullError(FastRolloutError, RuntimeError):
+    """The memory sink holds ``max_buffered_experiences``; take finalized batches first."""
+
+
+class StatusError(FastRolloutError, RuntimeError):
+    """An illegal task/batch transition in the status table, or a bad (out of range or
+    freed) slot id: a bug in fastrollout, never the caller's input."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from .errors import FastRolloutError
+from .errors import PipelineFullError
 from .experience import ExperienceBatch
 
 if TYPE_CHECKING:
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 # experiences take ~55 us), few enough that the last partial chunk, packed at finalize,
 # takes ~0.2 ms even for 1024-token GRPO experiences (measured: 256 of them, 0.17 ms).
 CHUNK = 256
-
-
-class PipelineFullError(FastRolloutError, RuntimeError):
-    """The memory sink holds ``max_buffered_experiences``; take finalized batches first."""
 
 
 class _Staging:

@@ -1,27 +1,31 @@
-"""Runs one sub-task on one slot: workflow instances, repeats, retries and timeouts.
+"""Runs one attempt of a sub-task: workflow instances, repeats, concurrency modes, and
+turning what the workflow returned into an ``Outcome``.
 
-A sub-task is ``repeat_times`` runs of a task starting at ``run_id_base`` (a task
-split by ``max_repeat_times_per_runner`` has several). Each attempt gets fresh
-model clients, so that a timed-out or cancelled attempt can abort exactly its own
-engine requests, and a detached synchronous run can do no more harm than fail.
+A sub-task is ``repeat_times`` runs of a task starting at ``run_id_base`` (a task split
+by ``max_repeat_times_per_runner`` has several). Retries, timeouts and model clients are
+the slot worker's (``slot_worker.py``); everything a workflow does, returns or raises
+during an attempt is judged here, so that one task's failure stays that task's:
+exceptions (``SystemExit`` and ``KeyboardInterrupt`` included) and results that could
+not be booked later (experiences the pipeline cannot pack, metric keys that are not
+strings) fail the attempt with a message, never the coordinator.
 """
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import traceback
 from typing import TYPE_CHECKING, Any, Coroutine
 
 from .engines.client import ModelClient
 from .errors import EngineDeadError
+from .experience.check import check_experiences
 from .metrics import aggregate_run_level_metrics
 from .task import Task
 from .threads import WorkerPool
 
 if TYPE_CHECKING:
-    from .engines.base import InferenceModel
     from .experience import Experience
+    from .slot_worker import SlotWorker
     from .workflow import Workflow
 
 # One run's outcome: (ok, experiences, run metrics, error message), for workflows that
@@ -29,90 +33,8 @@ if TYPE_CHECKING:
 RunResult = tuple[bool, list, list, str | None]
 
 
-class Slot:
-    """A place to run one sub-task at a time, bound to one engine (and auxiliary engines)."""
-
-    __slots__ = ("index", "engine_index", "engine", "aux_engines", "workflow", "timer", "clients")
-
-    def __init__(self, index: int, engine_index: int, engine: InferenceModel,
-                 aux_engines: list[InferenceModel]) -> None:
-        self.index = index
-        self.engine_index = engine_index
-        self.engine = engine
-        self.aux_engines = aux_engines
-        self.workflow: Workflow | None = None   # kept for reuse by resettable workflows
-        # The attempt timer of the slot's workers; it outlives them (see AttemptTimer).
-        self.timer: AttemptTimer | None = None
-        # The model clients of the attempt in flight, for a canceller to abort their requests.
-        # A cancelled worker keeps its list (the slot gets a new one, as for the timer).
-        self.clients: list[ModelClient] = []
-
-
-class AttemptTimer:
-    """Per-attempt timeouts of a slot's worker tasks with at most one loop timer, re-armed
-    lazily.
-
-    A worker runs attempt after attempt; arming and cancelling a loop timer for each
-    (what ``asyncio.timeout`` does) costs more than a fast attempt itself. Here a
-    timer armed for an earlier deadline stays armed: when it fires it either expires
-    the attempt in flight or re-arms for that attempt's own deadline. It also stays
-    armed when a worker ends (``task`` None): the slot's next worker takes it over, and
-    cancelling the loop timers of every worker at the end of a batch would delay the
-    wake-up of the finalize waiting for that batch.
-    """
-
-    __slots__ = ("loop", "task", "deadline", "armed_at", "handle", "active", "expired")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task | None = None) -> None:
-        self.loop = loop
-        self.task = task        # the worker running attempts now
-        self.deadline = self.armed_at = 0.0
-        self.handle: asyncio.TimerHandle | None = None
-        self.active = self.expired = False
-
-    def start(self, timeout: float) -> None:
-        """An attempt of ``timeout`` seconds begins (the worker task is running it)."""
-        self.deadline = deadline = self.loop.time() + timeout
-        self.active = True
-        if not math.isfinite(deadline):
-            return
-        if self.handle is None or self.armed_at > deadline:
-            self._arm(deadline)
-
-    def stop(self) -> bool:
-        """The attempt ended; True if it ran out of time (its cancellation is consumed)."""
-        self.active = False
-        if self.expired:
-            self.expired = False
-            self.task.uncancel()
-            return True
-        return False
-
-    def close(self) -> None:
-        """No more attempts: no loop timer left behind."""
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-    def _arm(self, when: float) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-        self.armed_at = when
-        self.handle = self.loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self.handle = None
-        if not self.active:
-            return      # no attempt in flight: the next one arms its own deadline
-        if self.deadline <= self.armed_at:
-            self.expired = True
-            self.task.cancel()
-        else:
-            self._arm(self.deadline)
-
-
 class Outcome:
-    """What one sub-task produced after all its attempts."""
+    """What one sub-task produced: after one attempt, then after all of them."""
 
     __slots__ = ("completed_runs", "total_runs", "metrics", "error", "experiences", "elapsed")
 
@@ -125,120 +47,80 @@ class Outcome:
         self.experiences = experiences
         self.elapsed = 0.0
 
+    @classmethod
+    def failed(cls, total_runs: int, error: str) -> Outcome:
+        return cls(0, total_runs, [], error, [])
+
 
 class Runner:
-    """Executes sub-tasks; shared by all slots of a coordinator."""
+    """Executes attempts; shared by all slot workers of a coordinator."""
 
-    def __init__(self, *, concurrent_mode: str, max_retry_times: int, pool: WorkerPool) -> None:
+    def __init__(self, *, concurrent_mode: str, pool: WorkerPool) -> None:
         self.concurrent_mode = concurrent_mode
-        self.max_retry_times = max_retry_times
         self.pool = pool
         self.detached_runs = 0      # synchronous runs left behind in their threads
 
-    async def run_with_retry(self, task: Task, repeat_times: int, run_id_base: int, slot: Slot,
-                             timeout: float, collect_partial_runs: bool,
-                             keep_experiences: bool, timer: AttemptTimer) -> Outcome:
-        """Run up to ``max_retry_times + 1`` attempts, each bounded by ``timeout`` seconds.
+    async def attempt(self, task: Task, repeat_times: int, run_id_base: int,
+                      worker: SlotWorker, clients: list[ModelClient], collect_partial: bool,
+                      keep_experiences: bool) -> Outcome:
+        """One attempt of ``repeat_times`` runs of ``task`` (whose ``rollout_args.n`` is
+        already ``repeat_times``). With ``keep_experiences`` false (eval) the experiences
+        are dropped unchecked. Raises EngineDeadError when every run failed because the
+        worker's engine died (the caller reschedules), CancelledError when cancelled;
+        anything else the workflow does is this attempt's outcome."""
+        engine = worker.engine
+        version = engine.model_version
+        try:
+            if task.workflow.can_repeat:
+                # Awaited here, not in a coroutine of its own: the common case of a fast
+                # workflow pays for one coroutine less.
+                workflow = _instance(task, clients, worker.workflow)
+                worker.workflow = None
+                workflow.set_repeat_times(repeat_times, run_id_base)
+                run_start = time.perf_counter()
+                exps = await (workflow.run_async() if workflow.is_async
+                              else self._in_thread(workflow.run))
+                elapsed = time.perf_counter() - run_start
+                if workflow.can_reset:
+                    worker.workflow = workflow
+                # One run made every repeat: each experience's metrics are a run's.
+                metrics = [_run_metrics(exp.metrics, elapsed) for exp in exps if exp.metrics]
+                if keep_experiences:
+                    check_experiences(exps)
+                    _stamp(task, exps, version, engine.model_version)
+                else:
+                    exps = []
+                return Outcome(repeat_times, repeat_times, metrics, None, exps)
+            results = await self._runs(task, repeat_times, worker, clients, collect_partial)
+            if engine.is_dead and not any(ok for ok, *_ in results):
+                # Every run failed because the engine died: the sub-task runs again elsewhere.
+                raise EngineDeadError(f"engine {worker.engine_index} died")
+            return _collect(task, repeat_times, run_id_base, results, version,
+                            engine.model_version, keep_experiences)
+        except (asyncio.CancelledError, EngineDeadError):
+            raise
+        except BaseException:   # SystemExit and KeyboardInterrupt too: they are the task's
+            if engine.is_dead:
+                raise EngineDeadError(f"engine {worker.engine_index} died while running task "
+                                      f"{task.task_id} of batch {task.batch_id}") from None
+            return Outcome.failed(repeat_times, traceback.format_exc().rstrip())
 
-        Runs inside the worker task that ``timer`` belongs to. ``task.rollout_args.n`` is
-        already ``repeat_times`` (the scheduler sets it). With ``keep_experiences`` false
-        (eval) the runs' experiences are dropped unstamped.
+    # -- the runs of a workflow that is not repeatable ------------------------------------------
 
-        ``slot.clients`` holds the model clients of the attempt in flight, so that a
-        canceller can abort their engine requests without this coroutine's help.
-        Raises EngineDeadError when the slot's engine died (the caller reschedules).
-        """
-        start = time.perf_counter()
-        loop = timer.loop
-        clients_out = slot.clients
-        for attempt in range(1, self.max_retry_times + 2):
-            if timer.task.cancelling():     # cancelled, but a workflow swallowed it
-                raise asyncio.CancelledError
-            # The request prefix is "{batch}/{task}/{run_id_base}/{attempt}", joined only if
-            # a request is made.
-            parts = (task.batch_id, task.task_id, run_id_base, attempt)
-            clients = [ModelClient(slot.engine, loop, task.rollout_args, parts)]
-            if slot.aux_engines:
-                clients += [ModelClient(e, loop, task.rollout_args, (*parts, f"aux{j}"))
-                            for j, e in enumerate(slot.aux_engines)]
-            clients_out[:] = clients
-            version = slot.engine.model_version
-            expired = False
-            timer.start(timeout)
-            try:
-                try:
-                    workflow_cls = task.workflow
-                    if workflow_cls is None:
-                        raise ValueError(f"task {task.task_id} of batch {task.batch_id} has no "
-                                         f"workflow")
-                    if workflow_cls.can_repeat:
-                        # Awaited here, not in a coroutine of its own: the common case of a
-                        # fast workflow pays for one coroutine less.
-                        workflow = _instance(task, clients, slot.workflow)
-                        slot.workflow = None
-                        workflow.set_repeat_times(repeat_times, run_id_base)
-                        run_start = time.perf_counter()
-                        exps = await (workflow.run_async() if workflow.is_async
-                                      else self._in_thread(workflow.run))
-                        elapsed = time.perf_counter() - run_start
-                        if workflow.can_reset:
-                            slot.workflow = workflow
-                        # One run made every repeat: each experience's metrics are a run's.
-                        metrics = [{**exp.metrics, "time/run_execution": elapsed}
-                                   for exp in exps if exp.metrics]
-                        if keep_experiences:
-                            _stamp(task, exps, version, slot.engine.model_version)
-                        else:
-                            exps = []
-                        outcome = Outcome(repeat_times, repeat_times, metrics, None, exps)
-                    else:
-                        results = await self._attempt(task, repeat_times, slot, clients,
-                                                      collect_partial_runs)
-                        if slot.engine.is_dead and not any(ok for ok, *_ in results):
-                            # Every run failed because the engine died: the handler below
-                            # gives the sub-task back, to run again on a live engine.
-                            raise EngineDeadError(f"engine {slot.engine_index} died")
-                        outcome = _collect(task, repeat_times, run_id_base, results, version,
-                                           slot.engine.model_version, keep_experiences)
-                finally:
-                    expired = timer.stop()
-            except asyncio.CancelledError:
-                if not expired:
-                    raise
-                outcome = Outcome(0, repeat_times, [], (
-                    f"Timeout ({timeout} s) when running task of batch {task.batch_id} at runner "
-                    f"{slot.index} at attempt {attempt}: task {task.task_id}"), [])
-            except Exception:
-                if slot.engine.is_dead:
-                    raise EngineDeadError(f"engine {slot.engine_index} died while running task "
-                                          f"{task.task_id} of batch {task.batch_id}") from None
-                outcome = Outcome(0, repeat_times, [], traceback.format_exc().rstrip(), [])
-            finally:
-                clients_out.clear()
-                for client in clients:
-                    if client.close():
-                        await client.abort_all()
-            if outcome.error is None or (collect_partial_runs and outcome.completed_runs > 0):
-                break
-        outcome.elapsed = elapsed = time.perf_counter() - start
-        outcome.metrics.append({"time/task_execution": elapsed})
-        return outcome
-
-    # -- one attempt of a workflow that is not repeatable ---------------------------------------
-
-    def _attempt(self, task: Task, repeat_times: int, slot: Slot, clients: list[ModelClient],
-                 collect_partial: bool) -> Coroutine[Any, Any, list[RunResult]]:
-        """The coroutine of one attempt: ``repeat_times`` runs in the configured mode."""
+    def _runs(self, task: Task, repeat_times: int, worker: SlotWorker,
+              clients: list[ModelClient],
+              collect_partial: bool) -> Coroutine[Any, Any, list[RunResult]]:
+        """The coroutine of one attempt's ``repeat_times`` runs, in the configured mode."""
         if self.concurrent_mode == "sequential":
-            return self._sequential(task, repeat_times, slot, clients, collect_partial)
+            return self._sequential(task, repeat_times, worker, clients, collect_partial)
         return self._parallel(task, repeat_times, clients, collect_partial)
 
-    async def _sequential(self, task: Task, repeat_times: int, slot: Slot,
+    async def _sequential(self, task: Task, repeat_times: int, worker: SlotWorker,
                           clients: list[ModelClient], collect_partial: bool) -> list[RunResult]:
-        # A resettable instance is taken off the slot while in use: if this attempt is
-        # detached, its thread keeps its own instance and the slot starts afresh.
-        reusable = slot.workflow
-        slot.workflow = None
+        # A resettable instance is taken off the worker while in use: if this attempt is
+        # detached, its thread keeps its own instance and the worker starts afresh.
+        reusable = worker.workflow
+        worker.workflow = None
         if task.workflow.is_async:
             results = []
             for _ in range(repeat_times):
@@ -257,7 +139,7 @@ class Runner:
                 return out, workflow
             results, reusable = await self._in_thread(job)
         if reusable is not None and reusable.can_reset:
-            slot.workflow = reusable
+            worker.workflow = reusable
         return results
 
     async def _parallel(self, task: Task, repeat_times: int, clients: list[ModelClient],
@@ -326,6 +208,7 @@ def _collect(task: Task, repeat_times: int, run_id_base: int, results: list[RunR
         completed += 1
         metrics.extend(run_metrics)
         if keep:
+            check_experiences(run_exps)
             for exp in run_exps:
                 exp.eid.run = run_id_base + i
             exps.extend(run_exps)
@@ -335,8 +218,10 @@ def _collect(task: Task, repeat_times: int, run_id_base: int, results: list[RunR
 
 
 def _stamp(task: Task, exps: list[Experience], version_before: int, version_after: int) -> None:
-    """Set what the coordinator owns in kept experiences: their batch and task ids (a task id
-    set by the workflow stays) and the model version they were sampled with."""
+    """Set what the coordinator owns in kept experiences (checked by ``check_experiences``
+    first: one the pipeline cannot pack fails its attempt, not the batch it would be packed
+    with): their batch and task ids (a task id set by the workflow stays) and the model
+    version they were sampled with."""
     drift = version_after - version_before
     for exp in exps:
         eid = exp.eid
@@ -350,6 +235,15 @@ def _stamp(task: Task, exps: list[Experience], version_before: int, version_afte
         info["task_index"] = task.index
 
 
+def _run_metrics(metrics: dict, elapsed: float) -> dict:
+    """One run's metrics dict of a repeatable workflow (an experience's own), with its time.
+    Keys must be strings: they become metric names."""
+    for key in metrics:
+        if type(key) is not str:
+            raise TypeError(f"metric key {key!r} ({type(key).__name__}) is not a str")
+    return {**metrics, "time/run_execution": elapsed}
+
+
 def _run_metric(exps: list, elapsed: float) -> dict:
     metric = aggregate_run_level_metrics([exp.metrics for exp in exps if exp.metrics])
     metric["time/run_execution"] = elapsed
@@ -360,15 +254,17 @@ def _run_sync(workflow: Workflow) -> RunResult:
     start = time.perf_counter()
     try:
         exps = workflow.run()
-    except Exception:
+        return True, exps, [_run_metric(exps, time.perf_counter() - start)], None
+    except BaseException:   # SystemExit and KeyboardInterrupt too: the run failed, no more
         return False, [], [], traceback.format_exc().rstrip()
-    return True, exps, [_run_metric(exps, time.perf_counter() - start)], None
 
 
 async def _run_async(workflow: Workflow) -> RunResult:
     start = time.perf_counter()
     try:
         exps = await workflow.run_async()
-    except Exception:
+        return True, exps, [_run_metric(exps, time.perf_counter() - start)], None
+    except asyncio.CancelledError:
+        raise
+    except BaseException:   # SystemExit and KeyboardInterrupt too: the run failed, no more
         return False, [], [], traceback.format_exc().rstrip()
-    return True, exps, [_run_metric(exps, time.perf_counter() - start)], None

@@ -109,7 +109,14 @@ class ModelClient:
             coro.close()
             raise RuntimeError(f"ModelClient.{name}() called on the event loop thread: it would "
                                f"block the loop it waits on; use `await {name}_async(...)` there")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        except RuntimeError:
+            # The loop is closed: a run detached past its timeout outlived its coordinator.
+            coro.close()
+            raise EngineError(f"ModelClient.{name}(): the event loop of this client is closed "
+                              f"(its task attempt ended long ago)") from None
+        return future.result()
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -156,6 +156,12 @@ class SimulatedEngine:
         if not self._dead:
             self._die(reason)
 
+    def restart(self) -> None:
+        """Come back after dying, as a restarted engine process would (nothing in flight;
+        ``die_after`` no longer applies)."""
+        self._dead = None
+        self.die_after = None
+
     def _die(self, reason: str) -> None:
         self._dead = reason
         for rid, req in list(self._inflight.items()):

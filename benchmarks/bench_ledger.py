@@ -1,6 +1,6 @@
-"""The native status table against the same bookkeeping in plain Python dicts.
+"""The native task ledger against the same bookkeeping in plain Python dicts.
 
-Run: ``.venv/bin/python -m pytest benchmarks/bench_status_table.py --benchmark-only``.
+Run: ``.venv/bin/python -m pytest benchmarks/bench_ledger.py --benchmark-only``.
 ``extra_info`` carries transitions/s and bytes per task slot.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ import tracemalloc
 
 import pytest
 
-from fastrollout._native.status import (SLOT_BYTES, TASK_CANCELLED, TASK_DONE, TASK_FAILED,
+from fastrollout._native.ledger import (SLOT_BYTES, TASK_CANCELLED, TASK_DONE, TASK_FAILED,
                                         TASK_FREE, TASK_PENDING, TASK_RUNNING, StatusError,
-                                        StatusTable)
+                                        TaskLedger)
 
 _FINAL = (TASK_DONE, TASK_FAILED, TASK_CANCELLED)
 _LEGAL = {(TASK_FREE, TASK_PENDING), (TASK_PENDING, TASK_RUNNING), (TASK_PENDING, TASK_CANCELLED),
@@ -20,9 +20,9 @@ _LEGAL = {(TASK_FREE, TASK_PENDING), (TASK_PENDING, TASK_RUNNING), (TASK_PENDING
           (TASK_DONE, TASK_FREE), (TASK_FAILED, TASK_FREE), (TASK_CANCELLED, TASK_FREE)}
 
 
-class DictStatusTable:
+class DictTaskLedger:
     """What one would write without the native core: a dict per task, a dict of counters
-    per batch. Same API, slot numbering (LIFO reuse) and errors as ``StatusTable``; the
+    per batch. Same API, slot numbering (LIFO reuse) and errors as ``TaskLedger``; the
     tests use it as their oracle."""
 
     def __init__(self, capacity: int = 1024, batch_capacity: int = 16):
@@ -154,7 +154,7 @@ class DictStatusTable:
         return len(self.tasks)
 
 
-IMPLS = pytest.mark.parametrize("impl", [StatusTable, DictStatusTable], ids=["native", "dict"])
+IMPLS = pytest.mark.parametrize("impl", [TaskLedger, DictTaskLedger], ids=["native", "dict"])
 CYCLES = 20_000
 TRANSITIONS_PER_CYCLE = 4   # FREE->PENDING->RUNNING->DONE->FREE
 SLOTS = 100_000
@@ -171,7 +171,7 @@ def _cycles(table, bslot: int) -> None:
 
 @IMPLS
 def test_transitions_per_second(benchmark, impl):
-    benchmark.group = f"status table: {CYCLES} add/start/finish/release cycles"
+    benchmark.group = f"task ledger: {CYCLES} add/start/finish/release cycles"
     table = impl()
     benchmark(_cycles, table, table.add_batch())
     benchmark.extra_info["transitions_per_s"] = round(
@@ -188,7 +188,7 @@ def _fill(impl, capacity: int):
 
 @IMPLS
 def test_memory_per_100k_slots(benchmark, impl):
-    benchmark.group = f"status table: {SLOTS} running tasks"
+    benchmark.group = f"task ledger: {SLOTS} running tasks"
     benchmark.pedantic(_fill, args=(impl, 1024), rounds=3, iterations=1)
     tracemalloc.start()
     try:
@@ -197,7 +197,7 @@ def test_memory_per_100k_slots(benchmark, impl):
     finally:
         tracemalloc.stop()
     benchmark.extra_info["traced_bytes_per_slot"] = round(traced / SLOTS, 1)
-    if impl is StatusTable:
+    if impl is TaskLedger:
         benchmark.extra_info["nbytes_per_slot"] = round(table.nbytes / SLOTS, 1)
         benchmark.extra_info["nbytes_per_slot_presized"] = round(_fill(impl, SLOTS).nbytes / SLOTS, 1)
         benchmark.extra_info["slot_struct_bytes"] = SLOT_BYTES

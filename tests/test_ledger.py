@@ -1,4 +1,4 @@
-"""The native task/batch status table (native/status.pyx)."""
+"""The native task ledger (native/ledger.pyx)."""
 from __future__ import annotations
 
 import gc
@@ -12,24 +12,28 @@ import time
 import tracemalloc
 import zipfile
 
+import dataclasses
+import pickle
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.bench_status_table import DictStatusTable
-from fastrollout._native import status
-from fastrollout._native.status import (STATE_NAMES, TASK_DONE, TASK_FAILED,
-                                        TASK_FREE, TASK_PENDING, TASK_RUNNING, StatusError,
-                                        StatusTable)
+from benchmarks.bench_ledger import DictTaskLedger
+from fastrollout import Status
+from fastrollout._native import ledger
+from fastrollout._native.ledger import (BATCH_TASK_FIELDS, STATE_NAMES, TASK_DONE, TASK_FAILED,
+                                        TASK_FREE, TASK_PENDING, TASK_RUNNING, BatchProgress,
+                                        StatusError, TaskLedger)
 from fastrollout.errors import FastRolloutError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_layout_and_constants():
-    assert [getattr(status, "TASK_" + n) for n in STATE_NAMES] == list(range(6))
-    assert status.SLOT_BYTES == status.TASK_DTYPE.itemsize < 128
+    assert [getattr(ledger, "TASK_" + n) for n in STATE_NAMES] == list(range(6))
+    assert ledger.SLOT_BYTES == ledger.TASK_DTYPE.itemsize < 128
     assert issubclass(StatusError, FastRolloutError) and issubclass(StatusError, RuntimeError)
 
 
@@ -72,7 +76,7 @@ COUNTS = {"PENDING": (1, 0, 0, 0, 0), "RUNNING": (1, 0, 0, 1, 0), "DONE": (1, 1,
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("state", STATE_NAMES)
 def test_transition(state, op):
-    table = StatusTable()
+    table = TaskLedger()
     bslot = table.add_batch()
     slot = _make(table, bslot, state)
     before = table.batch_counts(bslot)
@@ -93,14 +97,14 @@ def test_transition(state, op):
 
 
 def test_illegal_transition_message_names_both_states():
-    table = StatusTable()
+    table = TaskLedger()
     slot = table.add_task(table.add_batch(), 1)
     with pytest.raises(StatusError, match=rf"^task slot {slot} \(batch 0\): illegal transition PENDING -> FREE$"):
         table.release(slot)
 
 
 def test_subtasks_attempts_and_outcome():
-    table = StatusTable()
+    table = TaskLedger()
     bslot = table.add_batch()
     ok, bad = table.add_task(bslot, 4, subtasks=2), table.add_task(bslot, 4, subtasks=2)
     for slot in (ok, bad):
@@ -120,7 +124,7 @@ def test_subtasks_attempts_and_outcome():
 
 
 def test_zero_run_task_is_done():
-    table = StatusTable()
+    table = TaskLedger()
     slot = table.add_task(table.add_batch(), 0)
     table.start(slot)
     assert table.finish_subtask(slot, 0, 0) == TASK_DONE
@@ -128,7 +132,7 @@ def test_zero_run_task_is_done():
 
 @pytest.mark.parametrize("args", [(-1, 0), (0, -1), (3, 0), (2, 1)])
 def test_finish_subtask_rejects_runs_that_do_not_fit(args):
-    table = StatusTable()
+    table = TaskLedger()
     slot = table.add_task(table.add_batch(), 2)
     table.start(slot)
     with pytest.raises(ValueError, match=f"task slot {slot}"):
@@ -138,14 +142,14 @@ def test_finish_subtask_rejects_runs_that_do_not_fit(args):
 
 @pytest.mark.parametrize("args", [(-1, 1), (1, 0)])
 def test_add_task_rejects_bad_sizes(args):
-    table = StatusTable()
+    table = TaskLedger()
     with pytest.raises(ValueError, match="batch slot 0"):
         table.add_task(table.add_batch(), *args)
     assert len(table) == 0
 
 
 def test_timestamps_are_monotonic_ns_and_durations():
-    table = StatusTable()
+    table = TaskLedger()
     bslot = table.add_batch()
     t0 = time.monotonic_ns()
     done, failed, cancelled, pending = (table.add_task(bslot, 1) for _ in range(4))
@@ -178,7 +182,7 @@ BATCH_CALLS = [lambda t, b: t.add_task(b, 1), lambda t, b: t.drop_batch(b),
 @pytest.mark.parametrize("bad", [-1, 1, 2, 4, 2**40])
 @pytest.mark.parametrize("call", TASK_CALLS)
 def test_bad_task_slot(call, bad):
-    table = StatusTable(capacity=4)
+    table = TaskLedger(capacity=4)
     table.add_task(table.add_batch(), 1)
     with pytest.raises(StatusError, match=f"task slot {bad} is out of range"):
         call(table, bad)
@@ -186,7 +190,7 @@ def test_bad_task_slot(call, bad):
 
 @pytest.mark.parametrize("call", TASK_CALLS[:-1])   # state() of a free slot is TASK_FREE
 def test_freed_task_slot(call):
-    table = StatusTable()
+    table = TaskLedger()
     slot = _make(table, table.add_batch(), "FREE")
     with pytest.raises(StatusError, match=f"task slot {slot} is free"):
         call(table, slot)
@@ -196,7 +200,7 @@ def test_freed_task_slot(call):
 @pytest.mark.parametrize("bad", [-1, 1, 2**40])
 @pytest.mark.parametrize("call", BATCH_CALLS)
 def test_bad_batch_slot(call, bad):
-    table = StatusTable()
+    table = TaskLedger()
     table.add_batch()
     with pytest.raises(StatusError, match=f"batch slot {bad} is out of range"):
         call(table, bad)
@@ -204,7 +208,7 @@ def test_bad_batch_slot(call, bad):
 
 @pytest.mark.parametrize("call", BATCH_CALLS)
 def test_dropped_batch_slot(call):
-    table = StatusTable()
+    table = TaskLedger()
     bslot = table.add_batch()
     table.drop_batch(bslot)
     with pytest.raises(StatusError, match=f"batch slot {bslot} is free"):
@@ -212,7 +216,7 @@ def test_dropped_batch_slot(call):
 
 
 def test_slot_reuse_is_lifo_and_fresh():
-    table = StatusTable(capacity=8)
+    table = TaskLedger(capacity=8)
     bslot = table.add_batch()
     slots = [_make(table, bslot, "DONE") for _ in range(8)]
     table.release(slots[3])
@@ -229,7 +233,7 @@ def test_slot_reuse_is_lifo_and_fresh():
 
 
 def test_growth_keeps_old_views_alive_and_readable():
-    table = StatusTable(capacity=2)
+    table = TaskLedger(capacity=2)
     bslot = table.add_batch()
     first = _make(table, bslot, "RUNNING")
     old = table.columns()
@@ -250,7 +254,7 @@ def test_growth_keeps_old_views_alive_and_readable():
 
 
 def test_columns_are_live_zero_copy_and_read_only():
-    table = StatusTable()
+    table = TaskLedger()
     slot = table.add_task(table.add_batch(), 1)
     cols = table.columns()
     assert np.shares_memory(cols, table.columns())
@@ -263,7 +267,7 @@ def test_columns_are_live_zero_copy_and_read_only():
 
 
 def test_drop_batch_releases_all_its_slots():
-    table = StatusTable()
+    table = TaskLedger()
     keep, drop = table.add_batch(), table.add_batch()
     kept = [_make(table, keep, s) for s in ("PENDING", "RUNNING", "DONE")]
     dropped = [_make(table, drop, s) for s in ("PENDING", "RUNNING", "DONE", "FAILED", "CANCELLED")]
@@ -278,7 +282,7 @@ def test_drop_batch_releases_all_its_slots():
 
 
 def test_batch_table_grows():
-    table = StatusTable(batch_capacity=1)
+    table = TaskLedger(batch_capacity=1)
     bslots = [table.add_batch() for _ in range(100)]
     assert bslots == list(range(100))
     for b in bslots:
@@ -288,12 +292,12 @@ def test_batch_table_grows():
 
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError, match="capacity"):
-        StatusTable(capacity=0)
+        TaskLedger(capacity=0)
 
 
 def test_check_detects_corruption():
     # _check is the oracle of the randomized tests; it must be able to fail.
-    table = StatusTable()
+    table = TaskLedger()
     slot = _make(table, table.add_batch(), "RUNNING")
     raw = table.columns().base     # the owning buffer, writable
     raw["state"][slot] = TASK_PENDING
@@ -348,7 +352,7 @@ def _compare(native, model):
 
 
 def _run_sequence(ops):
-    native, model = StatusTable(capacity=2, batch_capacity=1), DictStatusTable()
+    native, model = TaskLedger(capacity=2, batch_capacity=1), DictTaskLedger()
     for op, a, b, c in ops:
         _apply(native, model, op, a, b, c)
         _compare(native, model)
@@ -368,7 +372,7 @@ def test_random_sequences_match_model(ops):
 def test_long_random_walk_matches_model(seed):
     # Long runs with mostly legal moves; a failure names the seed (msgspec's habit).
     rng = random.Random(seed)
-    native, model = StatusTable(capacity=4, batch_capacity=1), DictStatusTable()
+    native, model = TaskLedger(capacity=4, batch_capacity=1), DictTaskLedger()
     try:
         for step in range(4000):
             live = list(model.tasks) or [0]
@@ -412,7 +416,7 @@ def _workload(table, rounds):
 
 
 def test_no_reference_or_memory_leaks():
-    table = StatusTable()
+    table = TaskLedger()
     view = table.columns()
     _workload(table, 200)   # warm up caches and interned strings
     gc.collect()
@@ -431,11 +435,11 @@ def test_no_reference_or_memory_leaks():
 
 def test_tables_are_freed():
     def live():
-        return sum(type(o) is StatusTable for o in gc.get_objects())
+        return sum(type(o) is TaskLedger for o in gc.get_objects())
 
     gc.collect()
     base = live()
-    tables = [StatusTable(capacity=16) for _ in range(50)]
+    tables = [TaskLedger(capacity=16) for _ in range(50)]
     views = [t.columns() for t in tables]
     assert live() == base + 50
     del tables
@@ -445,28 +449,28 @@ def test_tables_are_freed():
 
 
 def test_live_counter_is_debug_only():
-    if status.DEBUG:   # run by test_debug_build
-        base = status._debug_live_tables()
+    if ledger.DEBUG:   # run by test_debug_build
+        base = ledger._debug_live_ledgers()
         with pytest.raises(ValueError):
-            StatusTable(capacity=0)   # a failed constructor still runs __dealloc__
+            TaskLedger(capacity=0)   # a failed constructor still runs __dealloc__
         gc.collect()
-        assert status._debug_live_tables() == base
+        assert ledger._debug_live_ledgers() == base
     else:
         with pytest.raises(StatusError, match="debug builds"):
-            status._debug_live_tables()
+            ledger._debug_live_ledgers()
 
 
 DEBUG_PROBE = """
 import gc
-from fastrollout._native import status
-assert status.DEBUG, status.__file__
-base = status._debug_live_tables()
-tables = [status.StatusTable(4) for _ in range(100)]
-assert status._debug_live_tables() == base + 100
+from fastrollout._native import ledger
+assert ledger.DEBUG, ledger.__file__
+base = ledger._debug_live_ledgers()
+tables = [ledger.TaskLedger(4) for _ in range(100)]
+assert ledger._debug_live_ledgers() == base + 100
 del tables
 gc.collect()
-assert status._debug_live_tables() == base, status._debug_live_tables()
-print(status.__file__)
+assert ledger._debug_live_ledgers() == base, ledger._debug_live_ledgers()
+print(ledger.__file__)
 """
 
 
@@ -489,8 +493,8 @@ def test_debug_build(tmp_path):
     site = tmp_path / "site"
     (wheel,) = (tmp_path / "dist").glob("fastrollout-*.whl")
     zipfile.ZipFile(wheel).extractall(site)
-    assert (site / "fastrollout" / "_native" / "status.pxd").exists()
-    assert (site / "fastrollout" / "_native" / "status.pyi").exists()
+    assert (site / "fastrollout" / "_native" / "ledger.pxd").exists()
+    assert (site / "fastrollout" / "_native" / "ledger.pyi").exists()
     env["PYTHONPATH"] = str(site)
     probe = subprocess.run([sys.executable, "-c", DEBUG_PROBE], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
@@ -500,3 +504,43 @@ def test_debug_build(tmp_path):
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not debug_build",
          str(pathlib.Path(__file__))], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert suite.returncode == 0, suite.stdout[-4000:] + suite.stderr[-4000:]
+
+
+def test_final_status_is_a_frozen_status_from_the_row():
+    table = TaskLedger()
+    slot = table.add_task(table.add_batch(), 4, subtasks=2)
+    table.start(slot)
+    table.finish_subtask(slot, 2, 0)
+    task_metrics = {"time/task_execution": 1.0}
+    status = table.final_status(slot, Status, task_metrics, "boom")
+    assert status == Status(2, 4, [task_metrics], "2/4 runs completed successfully. First error: boom")
+    assert type(status) is Status and not status.ok and status.metrics[0] is task_metrics
+    # a batch's statuses are not walked by the GC (nothing in them can form a cycle)
+    assert not gc.is_tracked(status) and not gc.is_tracked(status.metrics)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        status.completed_runs = 4
+    assert pickle.loads(pickle.dumps(status)) == status
+    table.cancel(slot)
+    assert table.final_status(slot, Status, {}, None).message == (
+        "2/4 runs completed successfully. Remaining runs were cancelled during scheduler cleanup.")
+
+
+def test_progress_and_task_rows_of_a_batch():
+    table = TaskLedger()
+    b = table.add_batch(5)
+    assert table.progress(b) == BatchProgress(5, 5, 0, 0, 0, 0, 0)
+    done, failed, running, cancelled = (table.add_task(b, 2, task=i) for i in (3, 0, 1, 2))
+    for slot in (done, failed, running, cancelled):
+        table.start(slot)
+    table.start(failed, retry=True)
+    table.finish_subtask(done, 2, 0)
+    table.finish_subtask(failed, 1, 1)
+    table.cancel(cancelled)
+    assert table.progress(b) == BatchProgress(submitted=5, queued=1, running=1, done=1, failed=1,
+                                              cancelled=1, retries=1)
+    rows = table.batch_tasks(b)
+    assert rows.dtype.names == BATCH_TASK_FIELDS
+    assert rows["task"].tolist() == [0, 1, 2, 3]
+    assert [STATE_NAMES[s] for s in rows["state"]] == ["FAILED", "RUNNING", "CANCELLED", "DONE"]
+    assert rows["attempts"].tolist() == [2, 1, 1, 1]
+    assert rows["completed_runs"].tolist() == [1, 0, 0, 2]

@@ -1,11 +1,13 @@
-"""Per-task bookkeeping of the rollout coordinator in C structs.
+"""The task ledger: the one record of every started task's state, in C structs.
 
-A task is an integer slot in a growable array of ``TaskSlot`` structs; a batch is an
-integer slot with O(1) counters, so "is this batch done / has it reached min_wait_num"
-is a field read. Every state change goes through ``StatusTable._set_state``, which
-rejects illegal moves. The struct array lives in a numpy buffer, so ``columns()`` is
-a zero-copy view; growth moves to a new buffer and old views keep the old one alive
-(they stay readable, frozen at the moment of growth).
+A task gets a row (a ``TaskSlot`` struct in a growable array) when it starts; its state,
+run counts, attempts and timestamps live there and nowhere else. A batch is a row of O(1)
+counters (submitted, running, done, failed, cancelled, retries), so a batch's progress is a
+few field reads. Every state change goes through ``TaskLedger._set_state``, which rejects
+illegal moves. The struct array lives in a numpy buffer, so ``columns()`` is a zero-copy
+view; growth moves to a new buffer and old views keep the old one alive (they stay
+readable, frozen at the moment of growth). Python keeps only Python objects (experiences,
+metrics) beside it.
 """
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
@@ -17,9 +19,11 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(object op)
 
+import collections
+
 import numpy as np
 
-from fastrollout.errors import FastRolloutError
+from fastrollout.errors import StatusError
 
 cnp.import_array()
 
@@ -40,11 +44,20 @@ globals().update(TASK_FREE=TASK_FREE, TASK_PENDING=TASK_PENDING, TASK_RUNNING=TA
 STATE_NAMES = ("FREE", "PENDING", "RUNNING", "DONE", "FAILED", "CANCELLED")
 
 TASK_DTYPE = np.dtype([
-    ("start_ns", np.int64), ("end_ns", np.int64), ("batch", np.int32), ("state", np.int32),
-    ("total_runs", np.int32), ("completed_runs", np.int32), ("failed_runs", np.int32),
-    ("subtasks", np.int32), ("finished_subtasks", np.int32), ("attempts", np.int32),
-    ("prev", np.int32), ("next", np.int32),
+    ("start_ns", np.int64), ("end_ns", np.int64), ("batch", np.int32), ("task", np.int32),
+    ("state", np.int32), ("total_runs", np.int32), ("completed_runs", np.int32),
+    ("failed_runs", np.int32), ("subtasks", np.int32), ("finished_subtasks", np.int32),
+    ("attempts", np.int32), ("prev", np.int32), ("next", np.int32), ("_pad", np.int32),
 ])
+# The columns of one batch's rows that ``batch_tasks`` returns.
+BATCH_TASK_FIELDS = ("task", "state", "total_runs", "completed_runs", "failed_runs",
+                     "attempts", "start_ns", "end_ns")
+
+BatchProgress = collections.namedtuple(
+    "BatchProgress", ("submitted", "queued", "running", "done", "failed", "cancelled", "retries"))
+BatchProgress.__doc__ = """A batch's tasks by state: ``queued`` (not started yet), ``running``,
+``done`` (every run completed), ``failed`` (all attempts made, some runs failed) and
+``cancelled``; ``retries`` counts attempts after a task's first, over all its sub-tasks."""
 
 # _LEGAL[from] has bit `to` set for every allowed move.
 cdef unsigned int[6] _LEGAL = [
@@ -57,11 +70,8 @@ cdef unsigned int[6] _LEGAL = [
 ]
 
 cdef Py_ssize_t _MAX_SLOTS = 0x7FFFFFFF   # slot ids are stored as int32
-cdef Py_ssize_t _live_tables = 0          # debug builds only
-
-
-class StatusError(FastRolloutError, RuntimeError):
-    """An illegal task/batch transition or a bad (out of range or freed) slot id."""
+cdef Py_ssize_t _live_ledgers = 0         # debug builds only
+cdef tuple _no_args = ()
 
 
 def _check_layout():
@@ -70,11 +80,13 @@ def _check_layout():
     cdef char* base = <char*>&t
     offsets = {
         "start_ns": <char*>&t.start_ns - base, "end_ns": <char*>&t.end_ns - base,
-        "batch": <char*>&t.batch - base, "state": <char*>&t.state - base,
+        "batch": <char*>&t.batch - base, "task": <char*>&t.task - base,
+        "state": <char*>&t.state - base,
         "total_runs": <char*>&t.total_runs - base, "completed_runs": <char*>&t.completed_runs - base,
         "failed_runs": <char*>&t.failed_runs - base, "subtasks": <char*>&t.subtasks - base,
         "finished_subtasks": <char*>&t.finished_subtasks - base, "attempts": <char*>&t.attempts - base,
         "prev": <char*>&t.prev - base, "next": <char*>&t.next - base,
+        "_pad": <char*>&t._pad - base,
     }
     actual = {name: TASK_DTYPE.fields[name][1] for name in TASK_DTYPE.names}
     if offsets != actual or TASK_DTYPE.itemsize != sizeof(TaskSlot):
@@ -108,14 +120,14 @@ cdef object _new_buffer(Py_ssize_t capacity):
     return buf
 
 
-cdef class StatusTable:
+cdef class TaskLedger:
     """Task and batch bookkeeping. Task and batch ids are slot indices (ints) that are
     reused after ``release``/``drop_batch``; capacity grows on demand."""
 
     def __cinit__(self, Py_ssize_t capacity=1024, Py_ssize_t batch_capacity=16):
-        global _live_tables
+        global _live_ledgers
         if FASTROLLOUT_DEBUG:
-            _live_tables += 1   # first: __dealloc__ runs even when __cinit__ raises
+            _live_ledgers += 1   # first: __dealloc__ runs even when __cinit__ raises
         if capacity < 1 or batch_capacity < 1 or capacity > _MAX_SLOTS or batch_capacity > _MAX_SLOTS:
             raise ValueError(f"capacity ({capacity}) and batch_capacity ({batch_capacity}) "
                              f"must be between 1 and {_MAX_SLOTS}")
@@ -133,10 +145,10 @@ cdef class StatusTable:
         self._batch_free = -1
 
     def __dealloc__(self):
-        global _live_tables
+        global _live_ledgers
         PyMem_Free(self._batches)
         if FASTROLLOUT_DEBUG:
-            _live_tables -= 1
+            _live_ledgers -= 1
 
     # -- internals -------------------------------------------------------------------
 
@@ -164,7 +176,7 @@ cdef class StatusTable:
         if old == TASK_RUNNING:
             b.running -= 1
         if new_state == TASK_PENDING:
-            b.expected += 1
+            b.reached += 1
         elif new_state == TASK_RUNNING:
             b.running += 1
             t.start_ns = _now_ns()
@@ -187,10 +199,10 @@ cdef class StatusTable:
         # Debug-build invariant: the counters of a batch are mutually consistent.
         cdef BatchSlot* b = &self._batches[bslot]
         if not (0 <= b.failed <= b.completed and b.running >= 0 and b.cancelled >= 0
-                and b.completed + b.running + b.cancelled <= b.expected
-                and 0 <= b.held <= b.expected):
+                and b.completed + b.running + b.cancelled <= b.reached
+                and 0 <= b.held <= b.reached):
             raise AssertionError(
-                f"batch slot {bslot} counters broken: expected={b.expected} completed={b.completed} "
+                f"batch slot {bslot} counters broken: reached={b.reached} completed={b.completed} "
                 f"failed={b.failed} running={b.running} cancelled={b.cancelled} held={b.held}")
         return 0
 
@@ -239,8 +251,8 @@ cdef class StatusTable:
 
     # -- batches ---------------------------------------------------------------------
 
-    cpdef Py_ssize_t add_batch(self) except -1:
-        """A new batch slot (a freed one if any) with all counters 0."""
+    cpdef Py_ssize_t add_batch(self, int64_t submitted=0) except -1:
+        """A new batch slot (a freed one if any) of ``submitted`` tasks, none started yet."""
         cdef Py_ssize_t bslot = self._batch_free
         if bslot >= 0:
             self._batch_free = self._batches[bslot].next_free
@@ -251,6 +263,7 @@ cdef class StatusTable:
             self._batch_top += 1
         cdef BatchSlot* b = &self._batches[bslot]
         memset(b, 0, sizeof(BatchSlot))
+        b.submitted = submitted
         b.head = -1
         b.next_free = -1
         b.in_use = 1
@@ -273,9 +286,33 @@ cdef class StatusTable:
         self._batch_free = bslot
 
     def batch_counts(self, Py_ssize_t bslot):
-        """(expected, completed, failed, running, cancelled); completed counts DONE and FAILED."""
+        """(reached, completed, failed, running, cancelled): tasks given a row, and those that
+        reached DONE or FAILED, FAILED, RUNNING now and CANCELLED."""
         cdef BatchSlot* b = self._batch(bslot)
-        return (b.expected, b.completed, b.failed, b.running, b.cancelled)
+        return (b.reached, b.completed, b.failed, b.running, b.cancelled)
+
+    def progress(self, Py_ssize_t bslot):
+        """The batch's ``BatchProgress``. Tasks not started yet have no row: they are the
+        submitted ones not reached."""
+        cdef BatchSlot* b = self._batch(bslot)
+        queued = max(b.submitted, b.reached) - b.completed - b.running - b.cancelled
+        return BatchProgress(max(b.submitted, b.reached), queued, b.running,
+                             b.completed - b.failed, b.failed, b.cancelled, b.retries)
+
+    def batch_tasks(self, Py_ssize_t bslot):
+        """The batch's rows still held (not released), by task index: a structured array with
+        the fields ``BATCH_TASK_FIELDS`` (a copy)."""
+        cdef BatchSlot* b = self._batch(bslot)
+        rows = np.empty(b.held, dtype=np.intp)
+        cdef Py_ssize_t[::1] view = rows
+        cdef Py_ssize_t n = 0
+        cdef Py_ssize_t slot = b.head
+        while slot >= 0:
+            view[n] = slot
+            n += 1
+            slot = self._tasks[slot].next
+        out = self._buf[rows][list(BATCH_TASK_FIELDS)]
+        return out[np.argsort(out["task"], kind="stable")]
 
     cpdef Py_ssize_t batch_completed(self, Py_ssize_t bslot) except -1:
         """Tasks of the batch that reached DONE or FAILED (released ones included)."""
@@ -303,12 +340,14 @@ cdef class StatusTable:
 
     # -- tasks -----------------------------------------------------------------------
 
-    cpdef Py_ssize_t add_task(self, Py_ssize_t bslot, int32_t total_runs, int32_t subtasks=1) except -1:
-        """A new PENDING task of the batch; returns its slot."""
+    cpdef Py_ssize_t add_task(self, Py_ssize_t bslot, int32_t total_runs, int32_t subtasks=1,
+                              int32_t task=0) except -1:
+        """A new PENDING row for task number ``task`` of the batch; returns its slot."""
         cdef BatchSlot* b = self._batch(bslot)
-        if total_runs < 0 or subtasks < 1:
-            raise ValueError(f"batch slot {bslot}: a task needs total_runs >= 0 and subtasks >= 1, "
-                             f"got total_runs={total_runs} subtasks={subtasks}")
+        if total_runs < 0 or subtasks < 1 or task < 0:
+            raise ValueError(f"batch slot {bslot}: a task needs task >= 0, total_runs >= 0 and "
+                             f"subtasks >= 1, got task={task} total_runs={total_runs} "
+                             f"subtasks={subtasks}")
         cdef Py_ssize_t slot = self._free
         if slot >= 0:
             self._free = self._tasks[slot].next
@@ -320,6 +359,7 @@ cdef class StatusTable:
         cdef TaskSlot* t = &self._tasks[slot]
         memset(t, 0, sizeof(TaskSlot))
         t.batch = <int32_t>bslot
+        t.task = task
         t.total_runs = total_runs
         t.subtasks = subtasks
         t.prev = -1
@@ -332,13 +372,15 @@ cdef class StatusTable:
         self._set_state(slot, t, TASK_PENDING)
         return slot
 
-    cpdef void start(self, Py_ssize_t slot) except *:
-        """An attempt begins: PENDING -> RUNNING on the first call; while RUNNING (another
-        sub-task or a retry) only ``attempts`` grows."""
+    cpdef void start(self, Py_ssize_t slot, bint retry=False) except *:
+        """An attempt begins (``retry``: not the first of its sub-task): PENDING -> RUNNING on
+        the first call; while RUNNING only ``attempts`` (and the batch's ``retries``) grow."""
         cdef TaskSlot* t = self._task(slot)
         if t.state != TASK_RUNNING:
             self._set_state(slot, t, TASK_RUNNING)
         t.attempts += 1
+        if retry:
+            self._batches[t.batch].retries += 1
 
     cpdef int finish_subtask(self, Py_ssize_t slot, int32_t completed_runs, int32_t failed_runs) except -1:
         """Adds a sub-task's runs; after the last sub-task the task becomes DONE (all runs
@@ -380,6 +422,39 @@ cdef class StatusTable:
         """(completed, failed, total) runs of the task."""
         cdef TaskSlot* t = self._task(slot)
         return (t.completed_runs, t.failed_runs, t.total_runs)
+
+    cpdef Py_ssize_t completed_runs(self, Py_ssize_t slot) except -1:
+        return self._task(slot).completed_runs
+
+    cpdef bint is_final(self, Py_ssize_t slot) except -1:
+        """DONE, FAILED or CANCELLED: the task takes no more results."""
+        cdef int state = self._task(slot).state
+        return state == TASK_DONE or state == TASK_FAILED or state == TASK_CANCELLED
+
+    def final_status(self, Py_ssize_t slot, type cls, dict task_metrics, first_error):
+        """The task's ``cls`` (``Status``) from its row: ``cls(completed_runs, total_runs,
+        [task_metrics], message)``, the message saying why runs are missing, if any.
+
+        Made without the frozen dataclass's ``__init__``, which sets every field through
+        ``object.__setattr__`` (several times this; one Status is made per task), and not
+        tracked by the cyclic GC: a batch's statuses live until it is finalized and would be
+        walked by every collection meanwhile. They cannot be part of a cycle: ints, a str and
+        a list holding one dict of floats (itself untracked by CPython)."""
+        cdef TaskSlot* t = self._task(slot)
+        message = None
+        if t.completed_runs < t.total_runs:
+            message = f"{t.completed_runs}/{t.total_runs} runs completed successfully."
+            message += (f" First error: {first_error}" if first_error is not None
+                        else " Remaining runs were cancelled during scheduler cleanup.")
+        metrics = [task_metrics]
+        PyObject_GC_UnTrack(metrics)
+        status = (<PyTypeObject*>cls).tp_new(cls, <PyObject*>_no_args, NULL)
+        PyObject_GenericSetAttr(status, "completed_runs", t.completed_runs)
+        PyObject_GenericSetAttr(status, "total_runs", t.total_runs)
+        PyObject_GenericSetAttr(status, "metrics", metrics)
+        PyObject_GenericSetAttr(status, "message", message)
+        PyObject_GC_UnTrack(status)
+        return status
 
     # -- views and sizes -------------------------------------------------------------
 
@@ -432,31 +507,8 @@ cdef class StatusTable:
         return self._capacity * sizeof(TaskSlot) + self._batch_capacity * sizeof(BatchSlot)
 
 
-cdef tuple _no_args = ()
-
-
-def final_status(type cls, completed_runs, total_runs, dict task_metrics, message):
-    """``cls(completed_runs, total_runs, [task_metrics], message)`` for the frozen ``Status``
-    dataclass, made without its ``__init__``: a frozen dataclass sets every field through
-    ``object.__setattr__``, which costs several times this, and the scheduler makes one
-    Status per task. The fields are stored as ``object.__setattr__`` would store them.
-
-    The status and its list are not tracked by the cyclic GC: a batch's statuses live until it
-    is finalized, and would be walked by every collection meanwhile. They cannot be part of a
-    cycle: ints, a str and a list holding one dict of floats (itself untracked by CPython)."""
-    metrics = [task_metrics]
-    PyObject_GC_UnTrack(metrics)
-    status = (<PyTypeObject*>cls).tp_new(cls, <PyObject*>_no_args, NULL)
-    PyObject_GenericSetAttr(status, "completed_runs", completed_runs)
-    PyObject_GenericSetAttr(status, "total_runs", total_runs)
-    PyObject_GenericSetAttr(status, "metrics", metrics)
-    PyObject_GenericSetAttr(status, "message", message)
-    PyObject_GC_UnTrack(status)
-    return status
-
-
-def _debug_live_tables():
-    """StatusTable objects alive now (debug builds only, like uvloop's live-object counters)."""
+def _debug_live_ledgers():
+    """TaskLedger objects alive now (debug builds only, like uvloop's live-object counters)."""
     if not FASTROLLOUT_DEBUG:
         raise StatusError("live-object counters exist only in debug builds (FASTROLLOUT_DEBUG=1)")
-    return _live_tables
+    return _live_ledgers
