@@ -93,14 +93,14 @@ async def run_fastrollout_batch(num_tasks: int, repeat: int, *, slots: int = SLO
     await coordinator.prepare()
     # "Task done" is when the coordinator books a finished task, as the Trinity side takes
     # its scheduler's done-callback: the wake-up is measured from the last booking.
-    book = coordinator._book
+    book = coordinator._task_finished
     last_booked = [0.0]
 
-    def timed_book(state, record):
-        book(state, record)
+    def timed_book(state, record, status):
+        book(state, record, status)
         last_booked[0] = time.perf_counter()
 
-    coordinator._book = timed_book
+    coordinator._task_finished = timed_book
     try:
         is_eval = batch_type == "eval"
         tasks = [Task(workflow=workflow, repeat_times=repeat, is_eval=is_eval) for _ in range(num_tasks)]

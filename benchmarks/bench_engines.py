@@ -107,7 +107,8 @@ async def measure(engine, *, tasks: int = 64, repeat: int = 4, max_tokens: int =
 
 def test_vllm_raw_vs_coordinator(benchmark, tmp_path_factory):
     from fastrollout.engines import VLLMEngine
-    from tests.tinymodel import BackgroundLoop, build_tiny_model, engine_env
+    from fastrollout.tinymodel import build_tiny_model
+    from tests.tinymodel import BackgroundLoop, engine_env
 
     model = build_tiny_model(tmp_path_factory.mktemp("tiny"))
     bg = BackgroundLoop()
@@ -141,7 +142,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from tests.tinymodel import build_tiny_model
+            from fastrollout.tinymodel import build_tiny_model
             model = str(build_tiny_model(f"{tmp}/tiny"))
         engine_args = {"max_model_len": 2048, "enforce_eager": True, "seed": 0,
                        **json.loads(args.engine_args)}

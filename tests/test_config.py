@@ -21,7 +21,10 @@ CUSTOM = {
         "dynamic_timeout": {"enable": True, "ratio": 2.0, "warmup_min_steps": 3},
     },
     "monitor": {"detailed_stats": True},
-    "pipeline": {"sink": "discard", "max_buffered_experiences": 1000},
+    "pipeline": {"sink": "discard", "max_buffered_experiences": 1000,
+                 "operators": [{"type": "grpo", "epsilon": 1e-5, "norm_std": False},
+                               {"type": "staleness_filter", "max_staleness": 2}]},
+    "weight_sync": {"mode": "keep"},
     "freeze_heap": True,
 }
 
@@ -47,6 +50,15 @@ detailed_stats = true
 [pipeline]
 sink = "discard"
 max_buffered_experiences = 1000
+[[pipeline.operators]]
+type = "grpo"
+epsilon = 1e-5
+norm_std = false
+[[pipeline.operators]]
+type = "staleness_filter"
+max_staleness = 2
+[weight_sync]
+mode = "keep"
 """
 
 
@@ -246,7 +258,7 @@ def _trinity_like(**explorer_overrides):
 def test_from_trinity_reads_the_same_attribute_paths():
     # Trinity has no pipeline section of this shape: ours keeps its defaults.
     expected = {**CUSTOM, "pipeline": {}}
-    del expected["freeze_heap"]     # not one of Trinity's settings
+    del expected["freeze_heap"], expected["weight_sync"]    # not Trinity's settings
     assert Config.from_trinity(_trinity_like()) == Config.from_dict(expected)
 
 

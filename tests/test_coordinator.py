@@ -493,3 +493,31 @@ async def test_bench_mode_runs_no_pipeline_and_serve_mode_no_scheduler():
     async with Harness(Config.from_dict({"mode": "colocate"})) as coord:
         await coord.submit_batch(batch_id=0, tasks=tasks(2), batch_type="train")
         assert (await coord.finalize_train_batch(0, timeout=5))["finished_task_count"] == 2
+
+
+# ---- weight sync: new weights on every engine between batches, versions on experiences ----
+
+async def test_update_weights_reaches_every_engine_and_stamps_the_next_rollouts():
+    engines = [SimulatedEngine(seed=0), SimulatedEngine(seed=1)]
+    async with Harness(make_config(), engines) as coord:
+        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow), batch_type="train")
+        await coord.finalize_train_batch(0, timeout=5)
+        before = coord.take_experiences(0)
+        assert coord.model_version == 0
+        assert await coord.update_weights("checkpoint-1") == 1
+        assert [e.model_version for e in engines] == [1, 1] and coord.model_version == 1
+        await coord.submit_batch(batch_id=1, tasks=tasks(4, AsyncWorkflow), batch_type="train")
+        await coord.finalize_train_batch(1, timeout=5)
+        after = coord.take_experiences(1)
+    assert {info["model_version"] for info in before.meta("info")} == {0}
+    assert {info["model_version"] for info in after.meta("info")} == {1}
+    assert {info["model_version_drift"] for info in after.meta("info")} == {0}
+
+
+async def test_update_weights_needs_engines_that_can():
+    class NoUpdates(SimulatedEngine):
+        update_weights = None
+
+    async with Harness(make_config(), [NoUpdates()]) as coord:
+        with pytest.raises(TypeError, match=r"rollout engine 0 \(NoUpdates\) has no update_weights"):
+            await coord.update_weights("checkpoint")

@@ -17,6 +17,7 @@ _EXPORTS = {
     "UnsafePickleError": ".errors", "PipelineFullError": ".errors", "StatusError": ".errors",
     "Config": ".config", "ExplorerConfig": ".config", "OverRolloutConfig": ".config",
     "DynamicTimeoutConfig": ".config", "MonitorConfig": ".config", "PipelineConfig": ".config",
+    "WeightSyncConfig": ".config",
     "Task": ".task", "GenerationConfig": ".task", "Status": ".task",
     "Workflow": ".workflow",
     "Experience": ".experience", "EID": ".experience", "ExperienceBatch": ".experience",
@@ -37,7 +38,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .config import (Config, DynamicTimeoutConfig, ExplorerConfig, MonitorConfig,
-                         OverRolloutConfig, PipelineConfig)
+                         OverRolloutConfig, PipelineConfig, WeightSyncConfig)
     from .coordinator import BatchLifecycleState, BatchProgress, BatchState, RolloutCoordinator
     from .engines import Completion, InferenceModel, ModelClient
     from .errors import (ConfigError, EngineDeadError, EngineError, FastRolloutError,

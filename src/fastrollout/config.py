@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import pathlib
 import tomllib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 import yaml
@@ -16,7 +16,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["Config", "ExplorerConfig", "OverRolloutConfig", "DynamicTimeoutConfig",
-           "MonitorConfig", "PipelineConfig"]
+           "MonitorConfig", "PipelineConfig", "WeightSyncConfig"]
 
 _Struct = dict(kw_only=True, forbid_unknown_fields=True)
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -65,6 +65,40 @@ class MonitorConfig(msgspec.Struct, **_Struct):
     """Eval metrics get ``/mean``, ``/max``, ``/min``, ``/std`` instead of the mean alone."""
 
 
+_Operator = dict(kw_only=True, forbid_unknown_fields=True, tag_field="type")
+
+
+# Experience operators (``fastrollout.operators``), named by ``type`` in a config list.
+class GRPOConfig(msgspec.Struct, tag="grpo", **_Operator):
+    epsilon: Annotated[float, msgspec.Meta(ge=0)] = 1e-6
+    norm_std: bool = True
+    """Divide by the group's reward std (GRPO); false gives Dr. GRPO's mean-centred rewards."""
+
+
+class DynamicFilterConfig(msgspec.Struct, tag="dynamic_filter", **_Operator):
+    threshold: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    """Drop a task's experiences when the std of their rewards is at most this."""
+
+
+class RewardFilterConfig(msgspec.Struct, tag="reward_filter", **_Operator):
+    min: float | None = None
+    max: float | None = None
+
+
+class LengthFilterConfig(msgspec.Struct, tag="length_filter", **_Operator):
+    min_response_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_response_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class StalenessFilterConfig(msgspec.Struct, tag="staleness_filter", **_Operator):
+    max_staleness: Annotated[int, msgspec.Meta(ge=0)] = 1
+    """Keep experiences sampled fewer than this many versions before the current weights."""
+
+
+OperatorConfig = Union[GRPOConfig, DynamicFilterConfig, RewardFilterConfig, LengthFilterConfig,
+                       StalenessFilterConfig]
+
+
 class PipelineConfig(msgspec.Struct, **_Struct):
     """Where processed train experiences go (read by ``fastrollout.pipeline``)."""
 
@@ -74,6 +108,19 @@ class PipelineConfig(msgspec.Struct, **_Struct):
     max_buffered_experiences: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """At most this many experiences wait in the memory sink; more is refused with an error
     rather than growing without bound. ``None``: unbounded."""
+    operators: list[OperatorConfig] = []
+    """Run in order on each finalized train batch and by ``process_experiences``, e.g.
+    ``[{type: grpo}, {type: dynamic_filter}]``."""
+
+
+class WeightSyncConfig(msgspec.Struct, **_Struct):
+    """How ``RolloutCoordinator.update_weights`` moves new weights onto the rollout engines."""
+
+    mode: Literal["wait", "keep", "abort"] = "wait"
+    """What happens to requests running at the update: ``wait`` lets them finish on the old
+    weights first (no request straddles two versions), ``keep`` freezes them and resumes
+    them on the new weights (they straddle), ``abort`` aborts them (their attempts fail and
+    are retried)."""
 
 
 class Config(msgspec.Struct, **_Struct):
@@ -85,6 +132,7 @@ class Config(msgspec.Struct, **_Struct):
     explorer: ExplorerConfig = msgspec.field(default_factory=ExplorerConfig)
     monitor: MonitorConfig = msgspec.field(default_factory=MonitorConfig)
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    weight_sync: WeightSyncConfig = msgspec.field(default_factory=WeightSyncConfig)
     freeze_heap: bool = False
     """At the first ``prepare()`` of the process, move every object alive then out of the
     cyclic GC's sight (``gc.freeze()``), so that full collections stop re-walking big

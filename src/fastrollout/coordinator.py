@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import operator
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
@@ -218,6 +219,35 @@ class RolloutCoordinator:
         self._pipeline = None
 
     @property
+    def model_version(self) -> int:
+        """The rollout engines' weight version (the newest, should they disagree)."""
+        return max(engine.model_version for engine in self.rollout_model)
+
+    async def update_weights(self, checkpoint: str | os.PathLike) -> int:
+        """Load the checkpoint folder ``checkpoint`` into every rollout engine at once and
+        return the new ``model_version``. Requests running meanwhile go as
+        ``config.weight_sync.mode`` says (``wait``: they finish on the old weights, so no
+        request straddles two versions). Experiences record the version they were sampled
+        with (``info["model_version"]``) and how far it moved during their attempt
+        (``info["model_version_drift"]``)."""
+        if not self._prepared:
+            raise RuntimeError("RolloutCoordinator is not prepared: await coordinator.prepare() first")
+        mode = self.config.weight_sync.mode
+        for i, engine in enumerate(self.rollout_model):
+            if not callable(getattr(engine, "update_weights", None)):
+                raise TypeError(f"rollout engine {i} ({type(engine).__name__}) has no "
+                                f"update_weights(path, *, mode)")
+        versions = await asyncio.gather(*(engine.update_weights(checkpoint, mode=mode)
+                                          for engine in self.rollout_model))
+        if len(set(versions)) > 1:
+            logger.warning("rollout engines report different weight versions after the update: "
+                           "%s", versions)
+        return max(versions)
+
+    def _current_version(self) -> int | None:
+        return self.model_version if self.rollout_model else None
+
+    @property
     def detached_runs(self) -> int:
         """Synchronous workflow runs that overran their timeout and were left in their thread."""
         return self._scheduler.runner.detached_runs if self._scheduler else 0
@@ -294,7 +324,7 @@ class RolloutCoordinator:
             batch = await asyncio.to_thread(decode_payloads, payloads)
         else:
             batch = decode_payloads(payloads)
-        return pipeline.process(batch)
+        return pipeline.process(batch, self._current_version())
 
     def take_experiences(self, batch_id: BatchId) -> ExperienceBatch | None:
         """The finalized experiences of a train batch, handed over once (None if none)."""
@@ -343,7 +373,7 @@ class RolloutCoordinator:
         state.statuses[record.task_id] = status
         if record.experiences:
             if self._pipeline is not None:
-                self._pipeline.stage(state.batch_id, record.experiences)
+                self._pipeline.stage(state.batch_id, record.experiences, record.versions)
             record.experiences = ()
         if state._target is not None and len(state.statuses) >= state._target:
             state._wake.set()
@@ -432,7 +462,7 @@ class RolloutCoordinator:
     def _commit(self, state: BatchState) -> dict:
         if state.batch_type != "train" or self._pipeline is None:
             return {}
-        return self._pipeline.commit(state.batch_id)
+        return self._pipeline.commit(state.batch_id, self._current_version())
 
     def _conclude(self, state: BatchState, final: BatchLifecycleState, pipeline_metrics: dict) -> dict:
         """Record the result, forget the batch, and wake anyone still waiting on it."""

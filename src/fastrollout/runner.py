@@ -20,6 +20,7 @@ from .engines.client import ModelClient
 from .errors import EngineDeadError
 from .experience.check import check_experiences
 from .metrics import aggregate_run_level_metrics
+from .operators import VersionSpan
 from .task import Task
 from .threads import WorkerPool
 
@@ -36,16 +37,18 @@ RunResult = tuple[bool, list, list, str | None]
 class Outcome:
     """What one sub-task produced: after one attempt, then after all of them."""
 
-    __slots__ = ("completed_runs", "total_runs", "metrics", "error", "experiences", "elapsed")
+    __slots__ = ("completed_runs", "total_runs", "metrics", "error", "experiences", "elapsed",
+                 "versions")
 
     def __init__(self, completed_runs: int, total_runs: int, metrics: list[dict],
-                 error: str | None, experiences: list) -> None:
+                 error: str | None, experiences: list, versions: VersionSpan = None) -> None:
         self.completed_runs = completed_runs
         self.total_runs = total_runs
         self.metrics = metrics
         self.error = error              # the first error, None when every run completed
         self.experiences = experiences
         self.elapsed = 0.0
+        self.versions = versions        # the weight versions the experiences were sampled with
 
     @classmethod
     def failed(cls, total_runs: int, error: str) -> Outcome:
@@ -85,12 +88,13 @@ class Runner:
                     worker.workflow = workflow
                 # One run made every repeat: each experience's metrics are a run's.
                 metrics = [_run_metrics(exp.metrics, elapsed) for exp in exps if exp.metrics]
+                versions = None
                 if keep_experiences:
                     check_experiences(exps)
-                    _stamp(task, exps, version, engine.model_version)
+                    versions = _stamp(task, exps, version, engine.model_version)
                 else:
                     exps = []
-                return Outcome(repeat_times, repeat_times, metrics, None, exps)
+                return Outcome(repeat_times, repeat_times, metrics, None, exps, versions)
             results = await self._runs(task, repeat_times, worker, clients, collect_partial)
             if engine.is_dead and not any(ok for ok, *_ in results):
                 # Every run failed because the engine died: the sub-task runs again elsewhere.
@@ -212,12 +216,12 @@ def _collect(task: Task, repeat_times: int, run_id_base: int, results: list[RunR
             for exp in run_exps:
                 exp.eid.run = run_id_base + i
             exps.extend(run_exps)
-    if exps:
-        _stamp(task, exps, version_before, version_after)
-    return Outcome(completed, repeat_times, metrics, first_error, exps)
+    versions = _stamp(task, exps, version_before, version_after) if exps else None
+    return Outcome(completed, repeat_times, metrics, first_error, exps, versions)
 
 
-def _stamp(task: Task, exps: list[Experience], version_before: int, version_after: int) -> None:
+def _stamp(task: Task, exps: list[Experience], version_before: int,
+           version_after: int) -> VersionSpan:
     """Set what the coordinator owns in kept experiences (checked by ``check_experiences``
     first: one the pipeline cannot pack fails its attempt, not the batch it would be packed
     with): their batch and task ids (a task id set by the workflow stays) and the model
@@ -233,6 +237,7 @@ def _stamp(task: Task, exps: list[Experience], version_before: int, version_afte
         info["model_version_drift"] = drift
         info["use_count"] = 0
         info["task_index"] = task.index
+    return (version_before, version_before, drift)
 
 
 def _run_metrics(metrics: dict, elapsed: float) -> dict:

@@ -20,6 +20,7 @@ from ._native.ledger import TASK_DONE, TASK_FAILED, BatchProgress, TaskLedger
 from ._native.tally import single_run_metrics
 from .errors import EngineDeadError
 from .metrics import calculate_task_level_metrics
+from .operators import VersionSpan, merge_versions
 from .runner import Outcome, Runner
 from .slot_worker import SlotWorker, WorkerState
 from .task import Status, Task
@@ -49,7 +50,7 @@ class TaskRecord:
     booked: the objects its runs produced. Its state and run counts are its ledger row's."""
 
     __slots__ = ("source", "task_id", "row", "batch", "is_eval", "metrics", "experiences",
-                 "first_error")
+                 "first_error", "versions")
 
     def __init__(self, source: Task, task_id: int, row: int, batch: BatchRun) -> None:
         self.source = source
@@ -61,6 +62,7 @@ class TaskRecord:
         self.metrics: list[dict] | tuple = ()     # lists only once there is something in them
         self.experiences: list | tuple = ()
         self.first_error: str | None = None
+        self.versions: VersionSpan = None   # weight versions its experiences were sampled with
 
     def add(self, outcome: Outcome) -> None:
         """Take one sub-task's results."""
@@ -71,8 +73,10 @@ class TaskRecord:
         if outcome.experiences:
             if self.experiences:
                 self.experiences.extend(outcome.experiences)
+                self.versions = merge_versions(self.versions, outcome.versions)
             else:
                 self.experiences = outcome.experiences
+                self.versions = outcome.versions
         if outcome.error is not None and self.first_error is None:
             self.first_error = outcome.error
 

@@ -176,8 +176,10 @@ class SimulatedEngine:
     def num_unfinished_requests(self) -> int:
         return len(self._inflight)
 
-    async def update_weights(self, path: str | os.PathLike | None = None) -> int:
-        """Pretend to load new weights: bumps and returns ``model_version``."""
+    async def update_weights(self, path: str | os.PathLike | None = None, *,
+                             mode: str = "wait") -> int:
+        """Pretend to load new weights: bumps and returns ``model_version`` (``mode`` as
+        VLLMEngine's; nothing here can straddle two versions)."""
         if self._dead:
             raise EngineDeadError(f"SimulatedEngine: {self._dead}")
         self.model_version += 1
