@@ -20,7 +20,7 @@ CUSTOM = {
         "over_rollout": {"ratio": 0.25, "wait_after_min": 5.0, "return_partial_tasks": True},
         "dynamic_timeout": {"enable": True, "ratio": 2.0, "warmup_min_steps": 3},
     },
-    "monitor": {"detailed_stats": True},
+    "monitor": {"detailed_stats": True, "backends": ["tensorboard"], "project": "p"},
     "pipeline": {"sink": "discard", "max_buffered_experiences": 1000,
                  "operators": [{"type": "grpo", "epsilon": 1e-5, "norm_std": False},
                                {"type": "staleness_filter", "max_staleness": 2}]},
@@ -47,6 +47,8 @@ ratio = 2.0
 warmup_min_steps = 3
 [monitor]
 detailed_stats = true
+backends = ["tensorboard"]
+project = "p"
 [pipeline]
 sink = "discard"
 max_buffered_experiences = 1000
@@ -259,6 +261,7 @@ def test_from_trinity_reads_the_same_attribute_paths():
     # Trinity has no pipeline section of this shape: ours keeps its defaults.
     expected = {**CUSTOM, "pipeline": {}}
     del expected["freeze_heap"], expected["weight_sync"]    # not Trinity's settings
+    expected["monitor"] = {"detailed_stats": True}
     assert Config.from_trinity(_trinity_like()) == Config.from_dict(expected)
 
 

@@ -63,6 +63,10 @@ class ExplorerConfig(msgspec.Struct, **_Struct):
 class MonitorConfig(msgspec.Struct, **_Struct):
     detailed_stats: bool = False
     """Eval metrics get ``/mean``, ``/max``, ``/min``, ``/std`` instead of the mean alone."""
+    backends: list[Literal["tensorboard", "wandb"]] = []
+    """Where metrics go besides the JSONL file that ``fastrollout.monitors`` always writes."""
+    project: str = "fastrollout"
+    """Weights & Biases project."""
 
 
 _Operator = dict(kw_only=True, forbid_unknown_fields=True, tag_field="type")
