@@ -5,6 +5,7 @@ bounds checks and the invariant checks guarded by the C macro ``FASTROLLOUT_DEBU
 the default is an optimized release build. Environment variables are used
 because pip does not forward setup.py options.
 """
+import hashlib
 import os
 import pathlib
 
@@ -25,7 +26,16 @@ else:
     macros = []
     directives = {"boundscheck": False, "wraparound": False,
                   "initializedcheck": False, "cdivision": True}
-macros += [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("FASTROLLOUT_DEBUG", "1" if DEBUG else "0")]
+macros += [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+           ("FASTROLLOUT_DEBUG", "1" if DEBUG else "0")]
+directives |= {"language_level": 3, "embedsignature": True}
+
+# Generated C and compiled objects go to a build tree of their own for each set of build
+# options: Cython regenerates C only when a source is newer than it and setuptools recompiles
+# only when the C is newer than the .so, so in a shared tree a build would reuse the output
+# of the other flavour (or of options since edited here).
+fingerprint = hashlib.sha256(repr((cflags, macros, sorted(directives.items()))).encode())
+BUILD = f"build/{'debug' if DEBUG else 'release'}-{fingerprint.hexdigest()[:8]}"
 
 extensions = [
     Extension(
@@ -42,7 +52,9 @@ setup(
     ext_modules=cythonize(
         extensions,
         include_path=["native", "src"],
-        compiler_directives={"language_level": 3, "embedsignature": True, **directives},
+        compiler_directives=directives,
         annotate=DEBUG,
+        build_dir=f"{BUILD}/cython",
     ),
+    options={"build": {"build_base": BUILD}},
 )
