@@ -129,3 +129,17 @@ async def test_model_version_follows_the_engine():
     client = _client(engine)
     await engine.update_weights()
     assert client.model_version == 1 and await client.model_version_async == 1
+
+
+async def test_generate_tokens_returns_completions_and_is_tracked_like_any_request():
+    engine = SimulatedEngine(hang_rate=1.0)
+    client = _client(engine, max_tokens=4)
+    call = asyncio.ensure_future(client.generate_tokens_async([5, 6, 7], n=1))
+    await asyncio.sleep(0.01)
+    assert client.inflight_request_ids() == ["b/t/0/1-1"]
+    await client.abort_all()
+    (completion,) = await asyncio.wait_for(call, 5)
+    assert completion.finish_reason == "abort" and engine.num_unfinished_requests == 0
+    done = _client(SimulatedEngine(output_len=3), max_tokens=8)
+    (completion,) = await done.generate_tokens_async([1, 2])
+    assert len(completion.token_ids) == 3 == len(completion.logprobs)

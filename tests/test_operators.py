@@ -89,13 +89,13 @@ def test_take_selects_rows_without_copying_columns():
     assert picked.to_experiences()[1].eid.run == 0
 
 
-def test_the_pipeline_runs_operators_in_order_at_commit_and_reports_versions():
+async def test_the_pipeline_runs_operators_in_order_at_commit_and_reports_versions():
     config = Config.from_dict({"pipeline": {"operators": [{"type": "dynamic_filter"},
                                                           {"type": "grpo"}]}}).pipeline
     pipeline = ExperiencePipeline(config)
     source = _batch([[1.0, 0.0], [1.0, 1.0]], versions=[2, 3])
     pipeline.stage(7, source.to_experiences(), (2, 3, 1))
-    metrics = pipeline.commit(7, model_version=4)
+    metrics = await pipeline.commit(7, model_version=4)
     out = pipeline.take(7)
     assert len(out) == 2 and out.column("advantages") is not None
     assert metrics["experience_pipeline/filtered_count"] == 2.0

@@ -1,8 +1,11 @@
-"""ExperiencePipeline: staging, packing, the memory sink's bound, the discard sink."""
+"""ExperiencePipeline: staging, packing, the sinks it hands batches to (memory and its bound,
+stream, durable, discard), and what stays staged when a sink refuses."""
+import asyncio
+
 import numpy as np
 import pytest
 
-from fastrollout import Config, Experience
+from fastrollout import Config, ConfigError, Experience, FastRolloutError
 from fastrollout.errors import PipelineFullError
 from fastrollout.pipeline import CHUNK, ExperiencePipeline
 
@@ -16,47 +19,48 @@ def pipeline(**cfg):
     return ExperiencePipeline(Config.from_dict({"pipeline": cfg}).pipeline)
 
 
-def test_staged_experiences_come_out_in_order_across_chunks():
+async def test_staged_experiences_come_out_in_order_across_chunks():
     p = pipeline()
     staged = 0
     while staged < CHUNK + 20:                    # one packed chunk and a remainder
         p.stage(7, exps(10, staged))
         staged += 10
-    assert p.commit(7)["experience_pipeline/experience_count"] == staged
+    assert (await p.commit(7))["experience_pipeline/experience_count"] == staged
     batch = p.take(7)
     assert len(batch) == staged
     assert [e.reward for e in batch.to_experiences()] == [float(i) for i in range(len(batch))]
     assert p.take(7) is None
 
 
-def test_discarded_batches_leave_nothing():
+async def test_discarded_batches_leave_nothing():
     p = pipeline()
     p.stage(1, exps(3))
     p.discard(1)
-    assert p.commit(1)["experience_pipeline/experience_count"] == 0.0
+    assert (await p.commit(1))["experience_pipeline/experience_count"] == 0.0
     assert p.take(1) is None
 
 
-def test_memory_sink_bound_refuses_and_keeps_everything():
+async def test_memory_sink_bound_refuses_and_keeps_everything():
     p = pipeline(max_buffered_experiences=5)
     p.stage(1, exps(4))
-    p.commit(1)
+    await p.commit(1)
     p.stage(2, exps(3))
     with pytest.raises(PipelineFullError, match="max_buffered_experiences=5"):
-        p.commit(2)
+        await p.commit(2)
     assert len(p.take(1)) == 4                    # drained: now batch 2 fits
-    p.commit(2)
+    await p.commit(2)
     assert len(p.take(2)) == 3
 
 
-def test_discard_sink_counts_without_keeping():
+async def test_discard_sink_counts_without_keeping():
     p = pipeline(sink="discard")
     p.stage(1, exps(3))
-    assert p.commit(1)["experience_pipeline/experience_count"] == 3.0
-    assert p.take(1) is None
+    assert (await p.commit(1))["experience_pipeline/experience_count"] == 3.0
+    with pytest.raises(RuntimeError, match="pipeline.sink is 'discard'"):
+        p.take(1)
 
 
-def test_packed_batches_match_the_codec_round_trip_across_chunks():
+async def test_packed_batches_match_the_codec_round_trip_across_chunks():
     from fastrollout.experience import decode_experiences, encode_experiences
 
     def staged(i):
@@ -70,7 +74,7 @@ def test_packed_batches_match_the_codec_round_trip_across_chunks():
     p = pipeline()
     for start in range(0, len(sent), 8):
         p.stage(1, sent[start:start + 8])
-    p.commit(1)
+    await p.commit(1)
     batch, expected = p.take(1), decode_experiences(encode_experiences(sent))
     assert len(batch) == len(expected) == len(sent)
     for name, col in expected.columns.items():
@@ -84,7 +88,7 @@ def test_packed_batches_match_the_codec_round_trip_across_chunks():
     assert batch.meta("info")[3] is sent[3].info      # owned by the pipeline, not copied
 
 
-def test_packed_chunks_keep_neither_the_experiences_nor_their_arrays():
+async def test_packed_chunks_keep_neither_the_experiences_nor_their_arrays():
     # The columns hold copies; holding the originals too would double the memory of every
     # buffered batch until the trainer takes it.
     import gc
@@ -97,6 +101,49 @@ def test_packed_chunks_keep_neither_the_experiences_nor_their_arrays():
     del batch
     gc.collect()
     assert not any(ref() is not None for ref in originals)
-    p.commit(1)
+    await p.commit(1)
     taken = p.take(1)
     assert len(taken) == CHUNK and int(taken[5].tokens[0]) == 5
+
+
+async def test_stream_sink_feeds_a_reader_across_batches():
+    p = pipeline(sink="stream")
+    reader = p.sink.reader()
+    read = asyncio.ensure_future(reader.read(5))
+    p.stage(1, exps(3))
+    await p.commit(1)
+    await asyncio.sleep(0)
+    assert not read.done()                      # 3 of 5
+    p.stage(2, exps(4, 3))
+    await p.commit(2)
+    batch = await read
+    assert [e.reward for e in batch.to_experiences()] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+async def test_durable_sink_has_the_batch_on_disk_when_commit_returns(tmp_path):
+    from fastrollout.sinks import DurableLogReader
+
+    p = pipeline(sink="durable", path=str(tmp_path / "log"),
+                 operators=[{"type": "grpo"}])
+    p.stage(3, exps(4))
+    await p.commit(3)
+    with DurableLogReader(tmp_path / "log") as reader:
+        (record,) = list(reader)
+        batch = record.batch()
+        assert record.batch_id == 3 and len(batch) == 4
+        assert batch.column("advantages") is not None
+    p.close()
+
+
+async def test_a_durable_sink_that_fails_keeps_the_batch_staged(tmp_path):
+    p = pipeline(sink="durable", path=str(tmp_path / "log"))
+    p.stage(3, exps(4))
+    p.sink.close()      # every write now fails
+    with pytest.raises(FastRolloutError, match="batch 3 was not written"):
+        await p.commit(3)
+    assert p._staged[3].chunks and len(p._staged[3].chunks[0]) == 4
+
+
+def test_a_durable_sink_needs_a_folder():
+    with pytest.raises(ConfigError, match="pipeline: sink 'durable' needs a folder"):
+        pipeline(sink="durable")

@@ -15,6 +15,8 @@ _EXPORTS = {
     "FastRolloutError": ".errors", "ConfigError": ".errors", "PayloadError": ".errors",
     "EngineError": ".errors", "EngineDeadError": ".errors", "PayloadHeaderError": ".errors",
     "UnsafePickleError": ".errors", "PipelineFullError": ".errors", "StatusError": ".errors",
+    "TasksetError": ".errors", "SinkClosedError": ".errors", "LogLockedError": ".errors",
+    "LogCorruptError": ".errors",
     "Config": ".config", "ExplorerConfig": ".config", "OverRolloutConfig": ".config",
     "DynamicTimeoutConfig": ".config", "MonitorConfig": ".config", "PipelineConfig": ".config",
     "WeightSyncConfig": ".config",
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
     from .coordinator import BatchLifecycleState, BatchProgress, BatchState, RolloutCoordinator
     from .engines import Completion, InferenceModel, ModelClient
     from .errors import (ConfigError, EngineDeadError, EngineError, FastRolloutError,
-                         PayloadError, PayloadHeaderError, PipelineFullError, StatusError,
+                         LogCorruptError, LogLockedError, PayloadError, PayloadHeaderError,
+                         PipelineFullError, SinkClosedError, StatusError, TasksetError,
                          UnsafePickleError)
     from .experience import EID, Experience, ExperienceBatch
     from .task import GenerationConfig, Status, Task

@@ -104,17 +104,28 @@ OperatorConfig = Union[GRPOConfig, DynamicFilterConfig, RewardFilterConfig, Leng
 
 
 class PipelineConfig(msgspec.Struct, **_Struct):
-    """Where processed train experiences go (read by ``fastrollout.pipeline``)."""
+    """What happens to finalized train experiences (``fastrollout.pipeline``): operators, then
+    a sink (``fastrollout.sinks``)."""
 
-    sink: Literal["memory", "discard"] = "memory"
-    """``memory`` keeps decoded experiences until the trainer side drains them; ``discard``
-    only counts them (bench mode, benchmarks)."""
+    sink: Literal["memory", "stream", "durable", "discard"] = "memory"
+    """``memory`` keeps each batch until ``take_experiences(batch_id)``; ``stream`` feeds
+    ``coordinator.sink.reader()`` (``await reader.read(n)``); ``durable`` appends to the
+    log in ``path``, synced before finalize returns, for a reader in another process;
+    ``discard`` only counts them (bench mode, benchmarks)."""
     max_buffered_experiences: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    """At most this many experiences wait in the memory sink; more is refused with an error
-    rather than growing without bound. ``None``: unbounded."""
+    """At most this many experiences wait in the memory or stream sink; more is refused with
+    an error rather than growing without bound. ``None``: unbounded."""
+    path: str | None = None
+    """The durable log's folder (``sink: durable``)."""
+    segment_bytes: Annotated[int, msgspec.Meta(ge=1)] = 64 << 20
+    """The durable log's segment size (a larger batch gets a segment of its own)."""
     operators: list[OperatorConfig] = []
     """Run in order on each finalized train batch and by ``process_experiences``, e.g.
     ``[{type: grpo}, {type: dynamic_filter}]``."""
+
+    def __post_init__(self) -> None:
+        if self.sink == "durable" and not self.path:
+            raise ValueError("sink 'durable' needs a folder: set pipeline.path")
 
 
 class WeightSyncConfig(msgspec.Struct, **_Struct):

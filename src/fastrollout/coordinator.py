@@ -31,6 +31,7 @@ from .threads import WorkerPool
 if TYPE_CHECKING:
     from .engines.base import InferenceModel
     from .experience import ExperienceBatch
+    from .sinks import Sink
     from .task import Status
 
 logger = logging.getLogger(__name__)
@@ -216,7 +217,9 @@ class RolloutCoordinator:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        self._pipeline = None
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
 
     @property
     def model_version(self) -> int:
@@ -295,7 +298,7 @@ class RolloutCoordinator:
         logger.warning("Abort batch %s: %s", batch_id, reason)
         waits = self._close_unfinished(state, keep_partial=keep_partial_results)
         if keep_partial_results:
-            metrics = self._commit(state)
+            metrics = await self._commit(state)
         else:
             state.statuses.clear()
             state._tally = MetricTally()
@@ -324,7 +327,13 @@ class RolloutCoordinator:
             batch = await asyncio.to_thread(decode_payloads, payloads)
         else:
             batch = decode_payloads(payloads)
-        return pipeline.process(batch, self._current_version())
+        return await pipeline.process(batch, self._current_version())
+
+    @property
+    def sink(self) -> Sink:
+        """Where finalized train batches go (``pipeline.sink``): e.g. ``sink.reader()`` of a
+        stream sink, for a trainer on this event loop."""
+        return self._require_pipeline().sink
 
     def take_experiences(self, batch_id: BatchId) -> ExperienceBatch | None:
         """The finalized experiences of a train batch, handed over once (None if none)."""
@@ -448,7 +457,7 @@ class RolloutCoordinator:
             elif state.batch_type == "train":
                 self._scheduler.completed_steps += 1   # a full train step (dynamic timeout)
             try:
-                metrics = self._commit(state)
+                metrics = await self._commit(state)
             except Exception:
                 state.state = BatchLifecycleState.RUNNING   # results stay for a later try
                 raise
@@ -459,10 +468,10 @@ class RolloutCoordinator:
     def _close_unfinished(self, state: BatchState, *, keep_partial: bool) -> list:
         return self._scheduler.cancel_batch(state._run, keep_partial=keep_partial)
 
-    def _commit(self, state: BatchState) -> dict:
+    async def _commit(self, state: BatchState) -> dict:
         if state.batch_type != "train" or self._pipeline is None:
             return {}
-        return self._pipeline.commit(state.batch_id, self._current_version())
+        return await self._pipeline.commit(state.batch_id, self._current_version())
 
     def _conclude(self, state: BatchState, final: BatchLifecycleState, pipeline_metrics: dict) -> dict:
         """Record the result, forget the batch, and wake anyone still waiting on it."""

@@ -24,6 +24,11 @@ class UnsafePickleError(PayloadError):
     """A pickle inside a TRXP payload is malformed, or uses more than plain data."""
 
 
+class TasksetError(FastRolloutError, ValueError):
+    """A taskset row is unreadable or lacks what the config asks for (names file, row, key),
+    or a saved position does not fit the taskset."""
+
+
 class EngineError(FastRolloutError, RuntimeError):
     """A recoverable per-request engine failure; the task may be retried."""
 
@@ -34,6 +39,19 @@ class EngineDeadError(EngineError):
 
 class PipelineFullError(FastRolloutError, RuntimeError):
     """The memory sink holds ``max_buffered_experiences``; take finalized batches first."""
+
+
+class SinkClosedError(FastRolloutError, RuntimeError):
+    """A write to a closed sink, or a read from a closed sink that has nothing left."""
+
+
+class LogLockedError(FastRolloutError, RuntimeError):
+    """Another writer has the durable log folder."""
+
+
+class LogCorruptError(FastRolloutError, ValueError):
+    """A durable log's segment, record or ack file is not what a writer writes (names the
+    file and offset)."""
 
 
 class StatusError(FastRolloutError, RuntimeError):

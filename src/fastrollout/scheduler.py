@@ -165,6 +165,8 @@ class Scheduler:
         self.loop = asyncio.get_running_loop()
         self.max_attempts = config.max_retry_times + 1
         self.collect_partial_runs = config.over_rollout.return_partial_tasks
+        # Every attempt's timeout when there is no dynamic one (read per sub-task).
+        self.static_timeout = None if config.dynamic_timeout.enable else config.max_timeout
         self._on_engines_dead = on_engines_dead
         # Slot i is bound to engine i % E and to auxiliary engine i % len(aux[j]), as in Trinity.
         self.workers = [SlotWorker(i, i % len(engines), engines[i % len(engines)],
@@ -265,8 +267,17 @@ class Scheduler:
         """``worker`` finished ``sub``: book it, and return the worker's next sub-task if the
         worker is where it goes (ties between engines favour it, so a busy worker goes on
         without a new asyncio task), else None (the worker then reports itself idle)."""
-        self._unassign(sub)
-        self._settle(sub, outcome)
+        record = sub.record
+        sub.worker = None
+        record.batch.running.discard(sub)
+        if not record.is_eval:
+            self.train_time += outcome.elapsed
+            self.train_subtasks += 1
+        record.add(outcome)
+        completed = outcome.completed_runs
+        state = self.ledger.finish_subtask(record.row, completed, outcome.total_runs - completed)
+        if state == TASK_DONE or state == TASK_FAILED:
+            self._book(record)
         if self._order and worker.engine_index not in self._dead:
             mine = len(self._idle[worker.engine_index]) + 1
             if len(self._idle) == 1 or max(map(len, self._idle)) <= mine:
@@ -318,17 +329,6 @@ class Scheduler:
                                f"queued work waits for one to come back")
 
     # -- completion ---------------------------------------------------------------------------
-
-    def _settle(self, sub: SubTask, outcome: Outcome) -> None:
-        record = sub.record
-        if not record.is_eval:
-            self.train_time += outcome.elapsed
-            self.train_subtasks += 1
-        record.add(outcome)
-        completed = outcome.completed_runs
-        state = self.ledger.finish_subtask(record.row, completed, outcome.total_runs - completed)
-        if state == TASK_DONE or state == TASK_FAILED:
-            self._book(record)
 
     def _book(self, record: TaskRecord) -> None:
         """Hand a finished task to the coordinator. Whatever goes wrong here fails this task

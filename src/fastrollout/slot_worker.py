@@ -167,7 +167,17 @@ class SlotWorker:
     # -- the worker's task ---------------------------------------------------------------------
 
     async def _run(self, sub: SubTask | None) -> None:
+        """Run ``sub``, then the sub-tasks the scheduler hands this worker after it. Each
+        sub-task gets up to ``max_retry_times + 1`` attempts, each bounded by the attempt
+        timeout. (The retry loop is written out here, not in a coroutine of its own: with a
+        fast workflow, creating and awaiting one per sub-task is a good part of its cost.)"""
         scheduler = self.scheduler
+        ledger = scheduler.ledger
+        runner = self.runner
+        timer = self.timer
+        loop = timer.loop
+        collect_partial = scheduler.collect_partial_runs
+        max_attempts = scheduler.max_attempts
         streak = 0
         try:
             while sub is not None:
@@ -176,8 +186,55 @@ class SlotWorker:
                     # whole queue.
                     streak = 0
                     await asyncio.sleep(0)
+                record = sub.record
+                batch_id = record.batch.batch_id
+                repeat_times = sub.repeat_times
+                timeout = scheduler.static_timeout or scheduler.attempt_timeout(record.is_eval)
+                start = time.perf_counter()
                 try:
-                    outcome = await self._run_subtask(sub)
+                    for attempt in range(1, max_attempts + 1):
+                        if timer.task.cancelling():     # cancelled; a workflow swallowed it
+                            raise asyncio.CancelledError
+                        ledger.start(record.row, attempt > 1)
+                        try:
+                            task = attempt_view(record.source, batch_id, record.task_id,
+                                                repeat_times)
+                        except TypeError as exc:    # no attempt of this Task would do better
+                            outcome = Outcome.failed(repeat_times, f"task {record.task_id} of "
+                                                     f"batch {batch_id} cannot start: {exc}")
+                            break
+                        # Request ids start "{batch}/{task}/{run_id_base}/{attempt}", joined
+                        # only if a request is made.
+                        parts = (batch_id, record.task_id, sub.run_id_base, attempt)
+                        clients = [ModelClient(self.engine, loop, task.rollout_args, parts)]
+                        if self.aux_engines:
+                            clients += [ModelClient(e, loop, task.rollout_args, (*parts, f"aux{j}"))
+                                        for j, e in enumerate(self.aux_engines)]
+                        self.clients = clients
+                        expired = False
+                        timer.start(timeout)
+                        try:
+                            try:
+                                outcome = await runner.attempt(
+                                    task, repeat_times, sub.run_id_base, self, clients,
+                                    collect_partial, not record.is_eval)
+                            finally:
+                                expired = timer.stop()
+                        except asyncio.CancelledError:
+                            if not expired:
+                                raise
+                            outcome = Outcome.failed(repeat_times, (
+                                f"Timeout ({timeout} s) when running task of batch {batch_id} "
+                                f"at runner {self.index} at attempt {attempt}: task "
+                                f"{record.task_id}"))
+                        finally:
+                            self.clients = []
+                            for client in clients:
+                                if client.close():
+                                    await _abort_left_requests(client)
+                        if outcome.error is None or (collect_partial
+                                                     and outcome.completed_runs > 0):
+                            break
                 except EngineDeadError as error:
                     if self.state is _RUNNING:
                         self.state = _IDLE
@@ -190,11 +247,13 @@ class SlotWorker:
                     raise
                 except Exception as exc:    # a bug of fastrollout's: this task fails, no other
                     logger.exception("slot %d: internal error while running task %s of batch %s",
-                                     self.index, sub.record.task_id, sub.record.batch.batch_id)
-                    outcome = Outcome.failed(sub.repeat_times, f"internal error while running "
+                                     self.index, record.task_id, batch_id)
+                    outcome = Outcome.failed(repeat_times, f"internal error while running "
                                              f"the task: {exc!r}")
                 if self.state is not _RUNNING:
                     return      # detached: the sub-task was taken away
+                outcome.elapsed = elapsed = time.perf_counter() - start
+                outcome.metrics.append({"time/task_execution": elapsed})
                 sub = scheduler.subtask_done(self, sub, outcome)
                 streak += 1
         finally:
@@ -206,62 +265,6 @@ class SlotWorker:
         # Only now, with this task's bookkeeping done, may the worker be started again.
         self.state = _IDLE
         scheduler.worker_idle(self)
-
-    async def _run_subtask(self, sub: SubTask) -> Outcome:
-        """Up to ``max_retry_times + 1`` attempts of ``sub``, each bounded by the scheduler's
-        attempt timeout. Raises EngineDeadError when the engine died (the scheduler
-        reschedules the sub-task elsewhere)."""
-        scheduler = self.scheduler
-        record = sub.record
-        batch = record.batch
-        repeat_times = sub.repeat_times
-        timeout = scheduler.attempt_timeout(record.is_eval)
-        collect_partial = scheduler.collect_partial_runs
-        timer = self.timer
-        start = time.perf_counter()
-        for attempt in range(1, scheduler.max_attempts + 1):
-            if timer.task.cancelling():     # cancelled, but a workflow swallowed it
-                raise asyncio.CancelledError
-            scheduler.ledger.start(record.row, attempt > 1)
-            try:
-                task = attempt_view(record.source, batch.batch_id, record.task_id, repeat_times)
-            except TypeError as exc:    # a Task that cannot run: no attempt would do better
-                outcome = Outcome.failed(repeat_times, f"task {record.task_id} of batch "
-                                         f"{batch.batch_id} cannot start: {exc}")
-                break
-            # The request prefix is "{batch}/{task}/{run_id_base}/{attempt}", joined only if
-            # a request is made.
-            parts = (batch.batch_id, record.task_id, sub.run_id_base, attempt)
-            clients = [ModelClient(self.engine, timer.loop, task.rollout_args, parts)]
-            if self.aux_engines:
-                clients += [ModelClient(e, timer.loop, task.rollout_args, (*parts, f"aux{j}"))
-                            for j, e in enumerate(self.aux_engines)]
-            self.clients = clients
-            expired = False
-            timer.start(timeout)
-            try:
-                try:
-                    outcome = await self.runner.attempt(
-                        task, repeat_times, sub.run_id_base, self, clients, collect_partial,
-                        not record.is_eval)
-                finally:
-                    expired = timer.stop()
-            except asyncio.CancelledError:
-                if not expired:
-                    raise
-                outcome = Outcome.failed(repeat_times, (
-                    f"Timeout ({timeout} s) when running task of batch {batch.batch_id} at "
-                    f"runner {self.index} at attempt {attempt}: task {record.task_id}"))
-            finally:
-                self.clients = []
-                for client in clients:
-                    if client.close():
-                        await _abort_left_requests(client)
-            if outcome.error is None or (collect_partial and outcome.completed_runs > 0):
-                break
-        outcome.elapsed = elapsed = time.perf_counter() - start
-        outcome.metrics.append({"time/task_execution": elapsed})
-        return outcome
 
 
 async def _abort_left_requests(client: ModelClient) -> None:

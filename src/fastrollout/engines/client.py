@@ -61,6 +61,15 @@ class ModelClient:
             exp.messages = list(messages)
         return exps
 
+    async def generate_tokens_async(self, prompt_token_ids: list[int], **gen: Any
+                                    ) -> list[Completion]:
+        """Sample ``n`` continuations of a prompt given as token ids: the engine's
+        completions (token ids, logprobs, ``finish_reason``), for workflows that keep the
+        exact tokens of a multi-turn conversation. Tracked and aborted like every request
+        of this client."""
+        params = self._params(gen)
+        return await self._request(list(prompt_token_ids), params)
+
     @property
     async def model_version_async(self) -> int:
         """``await client.model_version_async`` (a property, as Trinity's model wrapper has it)."""
@@ -99,6 +108,10 @@ class ModelClient:
 
     def chat(self, messages: list[dict], **gen: Any) -> list[Experience]:
         return self._bridge(self.chat_async(messages, **gen), "chat")
+
+    def generate_tokens(self, prompt_token_ids: list[int], **gen: Any) -> list[Completion]:
+        return self._bridge(self.generate_tokens_async(prompt_token_ids, **gen),
+                            "generate_tokens")
 
     def _bridge(self, coro: Coroutine, name: str) -> Any:
         try:
@@ -145,6 +158,16 @@ class ModelClient:
 
     async def _run_one(self, ids: list[int], text: str | None,
                        params: GenerationConfig) -> list[Experience]:
+        completions = await self._request(ids, params)
+        prompt = np.asarray(ids, dtype=np.int32)
+        if text is None:
+            text = self.engine.decode(prompt)
+        return [_experience(prompt, text, c) for c in completions]
+
+
+    async def _request(self, ids: list[int], params: GenerationConfig) -> list[Completion]:
+        """One engine request ``{request_prefix}-{k}``, in flight (for ``abort_all``) until it
+        returns."""
         self._check_open()    # gathered prompts start later: abort_all may have run since
         self._counter += 1
         rid = f"{self.request_prefix}-{self._counter}"
@@ -152,13 +175,9 @@ class ModelClient:
             self._inflight = set()
         self._inflight.add(rid)
         try:
-            completions = await self.engine.generate(ids, params, request_id=rid)
+            return await self.engine.generate(ids, params, request_id=rid)
         finally:
             self._inflight.discard(rid)
-        prompt = np.asarray(ids, dtype=np.int32)
-        if text is None:
-            text = self.engine.decode(prompt)
-        return [_experience(prompt, text, c) for c in completions]
 
 
 def _experience(prompt: np.ndarray, prompt_text: str, c: Completion) -> Experience:
