@@ -4,7 +4,8 @@
 a reward, small info/metrics and short texts. Run:
     .venv/bin/python -m pytest benchmarks/bench_experience.py --benchmark-only \
         --benchmark-columns=min,median,mean,ops
-Payload sizes are printed and stored in each benchmark's extra_info.
+Payload sizes are printed and stored in each benchmark's extra_info, with the derived
+figures: time per item, and how many times faster than Trinity's own code.
 """
 import numpy as np
 import pytest
@@ -17,6 +18,21 @@ from fastrollout.experience import ExperienceBatch, decode_experiences, encode_e
 
 T = trinity_module("common/experience.py")
 N, PROMPT, RESPONSE = 1024, 256, 768
+_MEDIANS: dict[str, float] = {}    # seconds, by benchmark, for the figures derived across them
+
+
+def _per_item(benchmark, key, items):
+    """Record this benchmark's median per item, in ns, under ``key``."""
+    median = benchmark.stats.stats.median
+    _MEDIANS[benchmark.name] = median
+    benchmark.extra_info[key] = round(median / items * 1e9, 1)
+
+
+def _times_faster(benchmark, ours):
+    """Record how many times faster than this (Trinity's) benchmark ``ours``, run before, is."""
+    if ours in _MEDIANS:
+        benchmark.extra_info["fastrollout_x_faster"] = round(
+            benchmark.stats.stats.median / _MEDIANS[ours], 1)
 
 
 def _fields(i, rng):
@@ -52,13 +68,25 @@ def test_decode_fastrollout(benchmark, data):
 
 @pytest.mark.benchmark(group="decode own format")
 def test_decode_fastrollout_to_experiences(benchmark, data):
+    # Payload to one Experience per item: what Trinity's deserialize_many gives.
     assert len(benchmark(lambda: decode_experiences(data["frxp"]).to_experiences())) == N
+    _per_item(benchmark, "ns_per_item", N)
+
+
+@pytest.mark.benchmark(group="decode own format")
+def test_to_experiences(benchmark, data):
+    # The decoded batch's items as Experience objects (array fields are views).
+    batch = decode_experiences(data["frxp"])
+    assert len(benchmark(batch.to_experiences)) == N
+    _per_item(benchmark, "ns_per_item", N)
 
 
 @pytest.mark.benchmark(group="decode own format")
 def test_decode_trinity_deserialize_many(benchmark, data):
     benchmark.extra_info["payload_bytes"] = len(data["trxp"])
     assert len(benchmark(T.Experience.deserialize_many, data["trxp"])) == N
+    _per_item(benchmark, "ns_per_item", N)
+    _times_faster(benchmark, "test_decode_fastrollout_to_experiences")
 
 
 @pytest.mark.benchmark(group="decode TRXP")
@@ -112,21 +140,44 @@ def test_pack_from_experiences(benchmark, small):
 
 # ---------------------------------------------------------------- construction
 # What a workflow does per sampled response (the coordinator benchmark builds 8 per task):
-# 8 int32 tokens kept without copy, prompt_length 4, reward 1.0, a fresh EID. A keyword
-# call as workflows write it (benchmark(Experience, **kw) would time the ** unpacking), with
-# 1000 calls per round so the timer's own cost does not swamp a sub-microsecond call.
-def _construct(benchmark, cls, tokens):
-    return benchmark.pedantic(lambda: cls(tokens=tokens, prompt_length=4, reward=1.0),
-                              rounds=200, iterations=1000, warmup_rounds=5)
+# 8 tokens, prompt_length 4, reward 1.0, a fresh EID; the tokens an int32 array (tensor for
+# Trinity) kept without copy, or, with 4 logprobs, Python lists, as a workflow that builds
+# them from an engine's output has them. A keyword call as workflows write it
+# (benchmark(Experience, **kw) would time the ** unpacking), with 1000 calls per round so the
+# timer's own cost does not swamp a sub-microsecond call.
+def _construct(benchmark, make):
+    exp = benchmark.pedantic(make, rounds=200, iterations=1000, warmup_rounds=5)
+    _per_item(benchmark, "ns_per_experience", 1)
+    return exp
+
+
+def _from_lists(cls):
+    tokens, logprobs = [11, 12, 13, 14, 15, 16, 17, 18], [-0.5, -0.25, -1.0, -2.0]
+    return lambda: cls(tokens=tokens, prompt_length=4, reward=1.0, logprobs=logprobs)
 
 
 @pytest.mark.benchmark(group="construct one experience")
 def test_experience_construct(benchmark):
     tokens = np.arange(8, dtype=np.int32)
-    exp = _construct(benchmark, Experience, tokens)
+    exp = _construct(benchmark, lambda: Experience(tokens=tokens, prompt_length=4, reward=1.0))
     assert exp.tokens is tokens and len(exp.eid.suffix) == 6
 
 
 @pytest.mark.benchmark(group="construct one experience")
+def test_experience_construct_lists(benchmark):
+    exp = _construct(benchmark, _from_lists(Experience))
+    assert exp.tokens.dtype == np.int32 and exp.logprobs.dtype == np.float32
+
+
+@pytest.mark.benchmark(group="construct one experience")
 def test_experience_construct_trinity(benchmark):
-    assert _construct(benchmark, T.Experience, torch.arange(8, dtype=torch.int32)).reward == 1.0
+    tokens = torch.arange(8, dtype=torch.int32)
+    exp = _construct(benchmark, lambda: T.Experience(tokens=tokens, prompt_length=4, reward=1.0))
+    assert exp.reward == 1.0
+    _times_faster(benchmark, "test_experience_construct")
+
+
+@pytest.mark.benchmark(group="construct one experience")
+def test_experience_construct_lists_trinity(benchmark):
+    assert _construct(benchmark, _from_lists(T.Experience)).tokens.dtype == torch.int32
+    _times_faster(benchmark, "test_experience_construct_lists")

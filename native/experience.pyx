@@ -1,32 +1,44 @@
-"""Experience's compiled half: its fields as C slots, a fast ``__init__``, EID suffixes.
+"""Experience's compiled half: its fields as C slots and a fast ``__init__``.
 
-Workflows build many experiences per task, so ``Experience(tokens=arr, prompt_length=4,
-reward=1.0)`` must cost well under a microsecond. As a cdef class, Experience gets a
-vectorcall constructor from Cython (a Python subclass of it would not: measured twice as
-slow), and ``__init__`` keeps what needs no conversion as it is: a 1-D native-endian numpy
-array of a dtype the field keeps, an exact int, an exact float. Everything else goes through
-``as_array`` of ``fastrollout.experience.model``, which owns the conversion rules and the
-``EID`` dataclass and hands both in with ``bind()`` when it is imported.
+Workflows build many experiences per task, so ``Experience(tokens=[...], prompt_length=4,
+reward=1.0, logprobs=[...])`` must cost well under a microsecond. As a cdef class, Experience
+gets a vectorcall constructor from Cython (a Python subclass of it would not: measured twice
+as slow), and ``__init__`` keeps what needs no conversion as it is (a 1-D native-endian numpy
+array of a dtype the field keeps, an exact int, an exact float) and turns a list of plain
+ints, floats or bools into an array in one C loop where numpy would make the same array.
+Everything else goes through ``as_array`` of ``fastrollout.experience.fields``, which owns
+the conversion rules.
 
-An experience built without an ``eid`` gets ``EID()``. Calling the dataclass would cost
-half the construction, so the EID is made the way its generated ``__init__`` would make it
-when given no arguments: each slot set from the field's default or default factory.
+This module imports leaf modules only (``fields``, ``eid`` and the compiled suffix
+generator), none of which imports it back.
 """
 cimport numpy as cnp
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.object cimport Py_TYPE, PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
-from libc.stdint cimport uint64_t
+from libc.float cimport FLT_MAX
+from libc.math cimport fabs, isfinite
+from libc.stdint cimport INT32_MAX, INT32_MIN, int32_t, uint64_t
+
+from fastrollout._native.suffix cimport next_suffix
 
 import dataclasses
-import os
 import types
+
+from fastrollout._native.suffix import new_suffix
+from fastrollout.experience.eid import EID
+from fastrollout.experience.fields import ARRAY_FIELDS, FIELD_DTYPES, FIELDS, as_array, to_torch
 
 cnp.import_array()
 
-cdef extern from "Python.h":
-    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
-    void* PyUnicode_DATA(object unicode)
 
+# ---------------------------------------------------------------- EIDs
+# EIDs are made and read through their slots rather than the dataclass: make_eid stores
+# straight into a new instance's slots, eid_field reads through the slot descriptors. Both
+# measurably beat the plain ways (calling EID or its descriptors; getattr), in instructions
+# run per call and in benchmarks/bench_experience.py (construct one experience, to
+# experiences, pack 256 experiences).
 cdef extern from "structmember.h":
     ctypedef struct PyMemberDef:
         int type
@@ -35,153 +47,83 @@ cdef extern from "structmember.h":
         PyMemberDef* d_member
     enum: T_OBJECT_EX
 
-# Field names: the array fields in wire order, the plain-object fields in wire order, and
-# every field (the order pickles keep). The slots themselves are declared in experience.pxd.
-ARRAY_FIELDS = ("tokens", "logprobs", "token_level_reward", "advantages", "returns",
-                "action_mask", "chosen", "rejected", "teacher_logprobs")
-META_FIELDS = ("truncate_status", "info", "metrics", "response_text", "prompt_text",
-               "messages", "tools", "chosen_messages", "rejected_messages")
-FIELDS = ("tokens", "prompt_length", "reward", "eid", *ARRAY_FIELDS[1:], *META_FIELDS)
-
-
-
-# ---------------------------------------------------------------- EID suffixes
-# Suffixes need to be unlikely to collide, not unpredictable: splitmix64 over a private
-# 64-bit state seeded from os.urandom, reseeded in forked children (which would otherwise
-# draw the same suffixes as their parent).
-cdef uint64_t _state = 0
-cdef const char* _HEX = b"0123456789abcdef"
-
-
-def reseed():
-    """Seed the suffix generator from ``os.urandom`` (done at import and in forked children)."""
-    global _state
-    _state = int.from_bytes(os.urandom(8), "little")
-
-
-reseed()
-os.register_at_fork(after_in_child=reseed)
-
-
-cdef inline uint64_t _next() noexcept:
-    global _state
-    _state += 0x9E3779B97F4A7C15ULL
-    cdef uint64_t z = _state
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
-    return z ^ (z >> 31)
-
-
-def new_suffix():
-    """Six random lowercase hex digits: the default ``EID.suffix``."""
-    return _suffix()
-
-
-cdef object _suffix():
-    cdef uint64_t bits = _next() >> 40     # the top 24 bits
-    s = PyUnicode_New(6, 127)
-    cdef char* out = <char*>PyUnicode_DATA(s)
-    cdef int i
-    for i in range(6):
-        out[i] = _HEX[(bits >> (20 - 4 * i)) & 15]
-    return s
-
-
-# ---------------------------------------------------------------- the Python half
 cdef tuple _no_args = ()
-cdef tuple _FIELDS = FIELDS
-cdef tuple _field_slots = ()     # Experience's attribute descriptors, in FIELDS order
-cdef object _as_array = None
-cdef object _to_torch = None
-cdef object _eid_type = None
-# EID's field names and slot descriptors, and per field its default or (None) its default
-# factory, in the dataclass's field order; per field, where its slot is in an instance and
-# whether its factory is new_suffix (then called in C).
-cdef tuple _eid_names = ()
-cdef tuple _eid_slots = ()
-cdef tuple _eid_defaults = ()
-cdef tuple _eid_factories = ()
-cdef enum: MAX_EID_FIELDS = 16
-cdef Py_ssize_t[MAX_EID_FIELDS] _eid_offsets
-cdef bint[MAX_EID_FIELDS] _eid_suffix
-# _kept[field] has bit n set when an array of dtype number n (native byte order) is kept.
-cdef uint64_t[N_ARRAY_FIELDS] _kept
+cdef type _EID = EID
+cdef tuple _eid_fields = dataclasses.fields(EID)
+cdef tuple _eid_slots = tuple([EID.__dict__[f.name] for f in _eid_fields])
+cdef Py_ssize_t[5] _eid_offsets     # where each slot lies in an instance, in field order
 
 
-def bind(*, eid_type, as_array, to_torch, field_dtypes):
-    """Hand in what ``fastrollout.experience.model`` owns: the ``EID`` class, the conversion
-    ``as_array(value, name)``, ``to_torch(array)`` and ``FIELD_DTYPES``, whose kept dtypes
-    decide the fast path. Called once, when that module is imported."""
-    global _as_array, _to_torch, _eid_type, _eid_names, _eid_slots, _eid_defaults, _eid_factories
-    if set(field_dtypes) != set(ARRAY_FIELDS):
-        raise ValueError(f"field_dtypes must have exactly the keys {ARRAY_FIELDS}, "
-                         f"got {tuple(field_dtypes)}")
-    for i, name in enumerate(ARRAY_FIELDS):
-        mask = 0
-        for dtype in field_dtypes[name][1]:
-            if dtype.isnative and dtype.num < 64:
-                mask |= 1 << dtype.num
-        _kept[i] = mask
-    fields = dataclasses.fields(eid_type)
-    slots = tuple(eid_type.__dict__.get(f.name) for f in fields)
-    if (len(slots) > MAX_EID_FIELDS
-            or not all(type(slot) is types.MemberDescriptorType
-                       and (<PyMemberDescrObject*>slot).d_member.type == T_OBJECT_EX
-                       for slot in slots)
-            or hasattr(eid_type, "__post_init__")
-            or not all(f.init and (f.default is not dataclasses.MISSING
-                                   or f.default_factory is not dataclasses.MISSING)
-                       for f in fields)):
-        raise TypeError(f"{eid_type.__qualname__} must be a dataclass(slots=True) without "
-                        f"__post_init__ whose fields all have defaults")
-    _eid_names = tuple(f.name for f in fields)
-    _eid_slots = slots
-    _eid_defaults = tuple(None if f.default is dataclasses.MISSING else f.default
-                          for f in fields)
-    _eid_factories = tuple(None if f.default is not dataclasses.MISSING else f.default_factory
-                           for f in fields)
-    for i, slot in enumerate(slots):
-        _eid_offsets[i] = (<PyMemberDescrObject*>slot).d_member.offset
-        _eid_suffix[i] = _eid_factories[i] is new_suffix
-    _as_array, _to_torch, _eid_type = as_array, to_torch, eid_type
-
-
-cdef object _new_eid():
-    """``EID()``: the instance made without the Python call, each slot set from its default.
-    A new instance's slots are empty (NULL): each is filled in place, as the slot descriptor
-    would do it, without the descriptor call."""
-    eid = _bare(_eid_type)
+cdef int _read_eid_layout() except -1:
+    if ([f.name for f in _eid_fields] != ["batch", "task", "run", "step", "suffix"]
+            or not all([type(slot) is types.MemberDescriptorType
+                        and (<PyMemberDescrObject*>slot).d_member.type == T_OBJECT_EX
+                        for slot in _eid_slots])
+            or _eid_fields[4].default_factory is not new_suffix):
+        raise ImportError("fastrollout.experience.eid.EID must be a dataclass(slots=True) "
+                          "with the fields batch, task, run, step and suffix (drawn by "
+                          "new_suffix)")
     cdef Py_ssize_t i
-    for i in range(len(_eid_slots)):
-        factory = _eid_factories[i]
-        if factory is None:
-            value = _eid_defaults[i]
-        elif _eid_suffix[i]:
-            value = _suffix()
-        else:
-            value = factory()
-        Py_INCREF(value)
-        (<PyObject**>(<char*><PyObject*>eid + _eid_offsets[i]))[0] = <PyObject*>value
+    for i in range(5):
+        _eid_offsets[i] = (<PyMemberDescrObject*>_eid_slots[i]).d_member.offset
+    return 0
+
+
+_read_eid_layout()
+# EID()'s batch, task, run and step; its suffix is drawn as new_suffix() draws it.
+cdef object _batch0 = _eid_fields[0].default
+cdef object _task0 = _eid_fields[1].default
+cdef object _run0 = _eid_fields[2].default
+cdef object _step0 = _eid_fields[3].default
+
+
+cdef inline void _fill(object eid, Py_ssize_t i, object value) noexcept:
+    """Set slot ``i`` of a new EID (empty, NULL), as its descriptor would."""
+    Py_INCREF(value)
+    (<PyObject**>(<char*><PyObject*>eid + _eid_offsets[i]))[0] = <PyObject*>value
+
+
+cdef object make_eid(object batch, object task, object run, object step, object suffix):
+    eid = (<PyTypeObject*>_EID).tp_new(_EID, <PyObject*>_no_args, NULL)
+    _fill(eid, 0, batch)
+    _fill(eid, 1, task)
+    _fill(eid, 2, run)
+    _fill(eid, 3, step)
+    _fill(eid, 4, suffix)
     return eid
 
 
 cdef object eid_field(object eid, Py_ssize_t i):
-    if type(eid) is not _eid_type:
-        return getattr(eid, _eid_names[i])
+    if type(eid) is not _EID:
+        return getattr(eid, _eid_fields[i].name)
     slot = _eid_slots[i]
-    return Py_TYPE(slot).tp_descr_get(slot, eid, _eid_type)
+    return Py_TYPE(slot).tp_descr_get(slot, eid, _EID)
 
 
-cdef object _bare(type cls):
-    """``cls.__new__(cls)`` without the attribute lookup: ``__init__`` is not run."""
-    return (<PyTypeObject*>cls).tp_new(cls, <PyObject*>_no_args, NULL)
+# ---------------------------------------------------------------- array fields
+# Per array field: bit n of _kept is set when an array of dtype number n (native byte order)
+# is kept as it is; _list_num is the dtype number lists become, when _from_list makes them.
+cdef uint64_t[N_ARRAY_FIELDS] _kept
+cdef int[N_ARRAY_FIELDS] _list_num
 
 
-cdef int _bind_model() except -1:
-    # An Experience used before fastrollout.experience.model was imported (one unpickled by
-    # a process that never imported it): importing the module calls bind().
-    import fastrollout.experience.model
+cdef int _read_field_dtypes() except -1:
+    if len(ARRAY_FIELDS) != N_ARRAY_FIELDS:
+        raise ImportError(f"experience.pxd indexes {N_ARRAY_FIELDS} array fields, "
+                          f"fastrollout.experience.fields has {len(ARRAY_FIELDS)}")
+    cdef int i
+    for i, name in enumerate(ARRAY_FIELDS):
+        default, kept, _ = FIELD_DTYPES[name]
+        _kept[i] = 0
+        for dtype in kept:
+            if dtype.isnative and dtype.num < 64:
+                _kept[i] |= 1ULL << dtype.num
+        _list_num[i] = default.num if default.num in (cnp.NPY_INT32, cnp.NPY_FLOAT32,
+                                                      cnp.NPY_BOOL) else -1
     return 0
+
+
+_read_field_dtypes()
 
 
 cdef bint kept_as_is(object value, int field) noexcept:
@@ -193,25 +135,72 @@ cdef bint kept_as_is(object value, int field) noexcept:
             and cnp.PyArray_ISNOTSWAPPED(a))
 
 
-cdef inline object _array(object value, int field):
-    """``as_array(value, ARRAY_FIELDS[field])``, without the call when value is kept as is."""
-    return value if kept_as_is(value, field) else _as_array(value, ARRAY_FIELDS[field])
-
-
-cdef inline int _set_field(exp, Py_ssize_t i, value) except -1:
-    """Store field ``FIELDS[i]`` through its descriptor (no attribute lookup)."""
-    slot = _field_slots[i]
-    return Py_TYPE(slot).tp_descr_set(slot, exp, value)
-
-
-def _unpickle(type cls, tuple values):
-    if len(values) != len(_field_slots):
-        raise ValueError(f"expected {len(_field_slots)} Experience fields, got {len(values)}")
-    exp = _bare(cls)
+cdef object _from_list(list values, int field):
+    """The array ``as_array`` makes of ``values``, made in one C loop when every element is
+    one that numpy converts exactly as this does: for int32 fields, ints within int32; for
+    float32 fields, floats within float32's range and ints within 2**53 (exact as doubles);
+    for bool fields, bools and ints within int64. None for anything else."""
+    cdef int num = _list_num[field]
+    if num < 0:
+        return None
+    cdef cnp.npy_intp n = len(values)
+    cdef cnp.ndarray arr = cnp.PyArray_EMPTY(1, &n, num, 0)
+    cdef char* out = <char*>cnp.PyArray_DATA(arr)
     cdef Py_ssize_t i
-    for i in range(len(values)):
-        _set_field(exp, i, values[i])
-    return exp
+    cdef long long v
+    cdef int overflow = 0
+    cdef double d
+    for i in range(n):
+        x = values[i]
+        if type(x) is int:
+            v = PyLong_AsLongLongAndOverflow(x, &overflow)
+            if overflow:
+                return None
+            if num == cnp.NPY_INT32:
+                if v < INT32_MIN or v > INT32_MAX:
+                    return None
+                (<int32_t*>out)[i] = <int32_t>v
+            elif num == cnp.NPY_FLOAT32:
+                if v < -(1LL << 53) or v > (1LL << 53):
+                    return None
+                (<float*>out)[i] = <float>v
+            else:
+                (<cnp.npy_bool*>out)[i] = v != 0
+        elif type(x) is float and num == cnp.NPY_FLOAT32:
+            d = PyFloat_AS_DOUBLE(x)
+            if isfinite(d) and fabs(d) > FLT_MAX:
+                return None     # numpy warns that the cast overflows
+            (<float*>out)[i] = <float>d
+        elif type(x) is bool and num == cnp.NPY_BOOL:
+            (<cnp.npy_bool*>out)[i] = x is True
+        else:
+            return None
+    return arr
+
+
+cdef inline object _array(object value, int field):
+    """``as_array(value, ARRAY_FIELDS[field])``, without the call where the result is known."""
+    if kept_as_is(value, field):
+        return value
+    if type(value) is list:
+        arr = _from_list(<list>value, field)
+        if arr is not None:
+            return arr
+    return as_array(value, ARRAY_FIELDS[field])
+
+
+# ---------------------------------------------------------------- Experience
+def _unpickle(type cls, tuple values):
+    """An Experience of class ``cls`` with the fields ``values`` in FIELDS order, as
+    ``Experience.__reduce__`` gives them."""
+    if len(values) != len(FIELDS):
+        raise ValueError(f"expected {len(FIELDS)} Experience fields, got {len(values)}")
+    cdef Experience e = Experience.__new__(cls)
+    (e.tokens, e.prompt_length, e.reward, e.eid, e.logprobs, e.token_level_reward,
+     e.advantages, e.returns, e.action_mask, e.chosen, e.rejected, e.teacher_logprobs,
+     e.truncate_status, e.info, e.metrics, e.response_text, e.prompt_text, e.messages,
+     e.tools, e.chosen_messages, e.rejected_messages) = values
+    return e
 
 
 cdef class Experience:
@@ -227,8 +216,6 @@ cdef class Experience:
                  prompt_text=None, messages=None, tools=None, chosen=None, rejected=None,
                  chosen_messages=None, rejected_messages=None, teacher_logprobs=None,
                  eid=None):
-        if _eid_type is None:
-            _bind_model()
         self.tokens = _array(tokens, F_TOKENS)
         self.prompt_length = prompt_length if type(prompt_length) is int else int(prompt_length)
         self.reward = reward if reward is None or type(reward) is float else float(reward)
@@ -258,36 +245,28 @@ cdef class Experience:
         if teacher_logprobs is not None:
             self.teacher_logprobs = _array(teacher_logprobs, F_TEACHER_LOGPROBS)
         if eid is None:
-            eid = _new_eid()
+            eid = make_eid(_batch0, _task0, _run0, _step0, next_suffix())
         elif isinstance(eid, dict):
-            eid = _eid_type(**eid)
+            eid = _EID(**eid)
         self.eid = eid
-
-    @classmethod
-    def _from_parts(cls, dict fields):
-        """Build from already validated parts (decoders): no conversion, views stay views."""
-        exp = _bare(cls)
-        cdef Py_ssize_t i
-        for i in range(len(_field_slots)):
-            _set_field(exp, i, fields.get(_FIELDS[i]))
-        return exp
 
     def to_torch(self):
         """The array fields that are set, as tensors sharing memory with the numpy arrays."""
-        if _to_torch is None:
-            _bind_model()
-        return {name: _to_torch(value) for name in ARRAY_FIELDS
+        return {name: to_torch(value) for name in ARRAY_FIELDS
                 if (value := getattr(self, name)) is not None}
 
     def __reduce__(self):
-        # Fields by position; a subclass's own state (its __dict__ / __slots__, or what its
-        # __getstate__ returns) rides along in the standard form pickle restores itself.
+        # Fields by position (FIELDS order); a subclass's own state (its __dict__ /
+        # __slots__, or what its __getstate__ returns) rides along in the standard form
+        # pickle restores itself.
         state = None if type(self) is Experience else self.__getstate__()
-        return _unpickle, (type(self), tuple([getattr(self, name) for name in FIELDS])), state
+        return _unpickle, (type(self), (
+            self.tokens, self.prompt_length, self.reward, self.eid, self.logprobs,
+            self.token_level_reward, self.advantages, self.returns, self.action_mask,
+            self.chosen, self.rejected, self.teacher_logprobs, self.truncate_status, self.info,
+            self.metrics, self.response_text, self.prompt_text, self.messages, self.tools,
+            self.chosen_messages, self.rejected_messages)), state
 
     def __repr__(self):
         return (f"Experience(eid={self.eid.uid!r}, tokens={len(self.tokens)}, "
                 f"prompt_length={self.prompt_length}, reward={self.reward})")
-
-
-_field_slots = tuple(Experience.__dict__[name] for name in FIELDS)

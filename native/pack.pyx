@@ -1,19 +1,33 @@
-"""Experiences into columns: the compiled half of ``ExperienceBatch.from_experiences``.
+"""Experiences to a batch's columns and back: the compiled half of ``ExperienceBatch``.
 
-The pipeline packs every 256 finished experiences, so this runs per experience: each array
-field is gathered by one C loop over the experiences' slots, lengths and offsets are summed
-in C, and the values are copied with ``memcpy`` into one buffer when every value is already
-what ``Experience`` keeps (an exact 1-D native-endian ndarray of an allowed dtype, of one
-dtype across the column). Any other value goes through ``as_array`` first, and any other
-mix of dtypes or layouts through ``np.concatenate``: the same conversions and errors as the
-pure Python version had.
+``pack`` (``ExperienceBatch.from_experiences``) runs for every 256 experiences the pipeline
+finishes: each array field is gathered by one C loop over the experiences' slots, lengths
+and offsets are summed in C, and the values are copied with ``memcpy`` into one buffer when
+every value is already what ``Experience`` keeps (an exact 1-D native-endian ndarray of an
+allowed dtype, of one dtype across the column). Any other value goes through ``as_array``
+first, and any other mix of dtypes or layouts through ``np.concatenate``: the same
+conversions and errors as the pure Python version had. Experience instances, subclasses
+included, are read from their C slots; other items (duck-typed objects, Trinity's
+Experience) by attribute name.
 
-Experience instances, subclasses included, are read from their C slots (the fields the
-decoders fill); other items (duck-typed objects, Trinity's Experience) by attribute name.
+``check`` is what the runner asks of each task's experiences when its attempt ends: that
+``pack`` takes them (and the codec writes them), so that one bad experience fails its task,
+not every task packed with it.
+
+``unpack`` (``ExperienceBatch.__getitem__``, ``to_experiences``) builds Experience objects
+in one pass over the items: each array field a view into its column made with the numpy C
+API (cheaper than slicing), each EID without a call of its ``__init__``, and the fields of a
+``WireItem`` (or ``WireEID``) read with one ``msgspec.structs.astuple`` (cheaper than one
+attribute at a time; benchmarks/bench_experience.py, decode own format).
+
+This module imports leaf modules only (``fields``, ``column``, ``wire``, ``eid``), none of which
+imports it back.
 """
 cimport numpy as cnp
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_INCREF
 from libc.math cimport NAN
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
@@ -22,11 +36,15 @@ from fastrollout._native.experience cimport (Experience, F_ACTION_MASK, F_ADVANT
                                               F_LOGPROBS, F_REJECTED, F_RETURNS,
                                               F_TEACHER_LOGPROBS, F_TOKEN_LEVEL_REWARD,
                                               F_TOKENS, N_ARRAY_FIELDS, eid_field,
-                                              kept_as_is)
+                                              kept_as_is, make_eid)
 
+import msgspec
 import numpy as np
 
-from fastrollout._native.experience import ARRAY_FIELDS
+from fastrollout.experience.column import ArrayColumn
+from fastrollout.experience.eid import EID
+from fastrollout.experience.fields import ARRAY_FIELDS, as_array
+from fastrollout.experience.wire import WireEID, WireItem
 
 cnp.import_array()
 
@@ -37,20 +55,28 @@ cdef extern from *:
     #endif
     """
 
-cdef object _as_array = None
-cdef object _column_type = None
-cdef object _item_type = None
-cdef object _eid_type = None
+cdef extern from "numpy/arrayobject.h":
+    ctypedef struct PyArray_Descr
+    PyTypeObject PyArray_Type
+    object PyArray_NewFromDescr(PyTypeObject* subtype, PyArray_Descr* descr, int nd,
+                                cnp.npy_intp* dims, cnp.npy_intp* strides, void* data,
+                                int flags, PyObject* obj)
+
+# The wire records are built and read by position, their fields in this order.
+_EID_FIELDS = ("batch", "task", "run", "step", "suffix")
+_ITEM_FIELDS = ("eid", "info", "metrics", "response_text", "prompt_text", "truncate_status",
+                "messages", "tools", "chosen_messages", "rejected_messages")
+if WireEID.__struct_fields__ != _EID_FIELDS or WireItem.__struct_fields__ != _ITEM_FIELDS:
+    raise ImportError(f"WireEID must have the fields {_EID_FIELDS} and WireItem the fields "
+                      f"{_ITEM_FIELDS}, in this order")
+
+cdef object _from_offsets = ArrayColumn.from_offsets
+cdef object _astuple = msgspec.structs.astuple
+cdef object _WireEID = WireEID
+cdef object _WireItem = WireItem
 
 
-def bind(*, as_array, column_type, item_type, eid_type):
-    """Hand in what ``fastrollout.experience`` owns: ``as_array`` (from ``model``),
-    ``ArrayColumn.from_offsets`` and the ``WireItem`` and ``WireEID`` classes the parts are
-    built with (from ``batch``, which calls this when imported)."""
-    global _as_array, _column_type, _item_type, _eid_type
-    _as_array, _column_type, _item_type, _eid_type = as_array, column_type, item_type, eid_type
-
-
+# ---------------------------------------------------------------- experiences -> columns
 cdef object _attr(object exp, Py_ssize_t i, str name):
     """``exp.<name>`` of an item that is not an Experience; a missing field names the item."""
     try:
@@ -117,7 +143,7 @@ cdef cnp.ndarray _mask(Py_ssize_t n, Py_ssize_t first):
     return mask
 
 
-cdef object _column(tuple exps, int field):
+cdef object pack_column(tuple exps, int field):
     """Field ``field`` of every experience as an ArrayColumn over one contiguous
     little-endian buffer of the dtype all values promote to, with int64 offsets (n + 1) and
     a bool mask (None when every experience has the field); None when none has it."""
@@ -151,7 +177,7 @@ cdef object _column(tuple exps, int field):
         dtype = np.result_type(*[cnp.PyArray_DescrFromType(num) for num in range(64)
                                  if (nums >> num) & 1])
     else:
-        values = [_as_array(value, name) for value in values]
+        values = [as_array(value, name) for value in values]
         dtype = np.result_type(*{value.dtype for value in values})
     dtype = dtype.newbyteorder("<")
 
@@ -177,7 +203,7 @@ cdef object _column(tuple exps, int field):
         raw = raw and (cnp.PyArray_CheckExact(a) and cnp.PyArray_TYPE(a) == num
                        and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_IS_C_CONTIGUOUS(a))
     if not raw:
-        return _column_type(np.concatenate(values, dtype=dtype), offsets, present)
+        return _from_offsets(np.concatenate(values, dtype=dtype), offsets, present)
 
     dim = off[n]
     cdef cnp.ndarray data = cnp.PyArray_EMPTY(1, &dim, num, 0)
@@ -196,7 +222,7 @@ cdef object _column(tuple exps, int field):
         pos += nbytes
     if pos != size:
         raise RuntimeError(f"Experience.{name} changed while being packed")
-    return _column_type(data, offsets, present)
+    return _from_offsets(data, offsets, present)
 
 
 cdef tuple _rewards(tuple exps):
@@ -260,9 +286,9 @@ cdef object _prompt_lengths(tuple exps):
 
 
 cdef inline object _wire_eid(object eid):
-    """WireEID lists EID's fields in EID's order (``batch`` checks it)."""
-    return _eid_type(eid_field(eid, 0), eid_field(eid, 1), eid_field(eid, 2),
-                     eid_field(eid, 3), eid_field(eid, 4))
+    """The WireEID of an EID (or of any object with its field names)."""
+    return _WireEID(eid_field(eid, 0), eid_field(eid, 1), eid_field(eid, 2),
+                    eid_field(eid, 3), eid_field(eid, 4))
 
 
 cdef list _items(tuple exps):
@@ -275,12 +301,12 @@ cdef list _items(tuple exps):
         exp = exps[i]
         if isinstance(exp, Experience):
             e = <Experience>exp
-            items.append(_item_type(
+            items.append(_WireItem(
                 _wire_eid(e.eid), e.info,
                 e.metrics, e.response_text, e.prompt_text, e.truncate_status, e.messages,
                 e.tools, e.chosen_messages, e.rejected_messages))
         else:
-            items.append(_item_type(
+            items.append(_WireItem(
                 _wire_eid(_attr(exp, i, "eid")),
                 _attr(exp, i, "info"), _attr(exp, i, "metrics"), _attr(exp, i, "response_text"),
                 _attr(exp, i, "prompt_text"), _attr(exp, i, "truncate_status"),
@@ -292,8 +318,6 @@ cdef list _items(tuple exps):
 def pack(exps):
     """The arguments of ``ExperienceBatch(items, columns, rewards, reward_present,
     prompt_lengths)`` for ``exps``: an iterable of Experience, or of objects with its fields."""
-    if _as_array is None:
-        import fastrollout.experience.batch     # binds what this module builds with
     cdef tuple seq = tuple(exps)
     cdef dict columns = {}
     cdef unsigned fields = _fields_set(seq)
@@ -301,7 +325,7 @@ def pack(exps):
     for field in range(N_ARRAY_FIELDS):
         if not (fields >> field) & 1:
             continue
-        column = _column(seq, field)
+        column = pack_column(seq, field)
         if column is not None:
             columns[ARRAY_FIELDS[field]] = column
     if seq:
@@ -312,3 +336,237 @@ def pack(exps):
     rewards, reward_present = _rewards(seq)
     plens = _prompt_lengths(seq)
     return _items(seq), columns, rewards, reward_present, plens
+
+
+# ---------------------------------------------------------------- what pack takes
+cdef object _EID = EID
+cdef tuple _NUMBERS = (int, float, np.integer, np.floating)
+
+
+cdef int _bad(Py_ssize_t i, str what, object value, str expected) except -1:
+    raise TypeError(f"experience {i}: {what} must be {expected}, got {type(value).__name__} "
+                    f"{value!r:.40}")
+
+
+cdef int _check_array(Py_ssize_t i, int field, object value) except -1:
+    try:
+        as_array(value, ARRAY_FIELDS[field])
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"experience {i}: {exc}") from None
+    return 0
+
+
+cdef int _check_int(Py_ssize_t i, str what, object value, bint word) except -1:
+    """``value`` is an int (numpy ints too); ``word``: one that fits 64 bits."""
+    cdef int overflow = 0
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            return _bad(i, what, value, "an int")
+        value = int(value)
+    if word:
+        PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow:
+            return _bad(i, what, value, "a 64-bit int")
+    return 0
+
+
+cdef inline int _optional(Py_ssize_t i, str name, object value, type kind) except -1:
+    if value is not None and not isinstance(value, kind):
+        _bad(i, name, value, f"a {kind.__name__} or None")
+    return 0
+
+
+cpdef check(list exps):
+    """Raise TypeError/ValueError naming experience ``i`` and its field unless every item of
+    ``exps`` is an Experience that ``pack`` takes and the codec writes: arrays of their
+    field's kind, a numeric or None reward, an int ``prompt_length`` within the tokens, an
+    ``EID`` of ints and strs, dict ``info`` and ``metrics``, str or None texts, list or None
+    messages. The runner checks each task's experiences so when its attempt ends: one the
+    pipeline could not pack would fail every task packed with it."""
+    cdef Py_ssize_t i, n_tokens
+    cdef int f
+    cdef int overflow = 0
+    cdef long long plen
+    cdef Experience e
+    for i in range(len(exps)):
+        exp = exps[i]
+        if not isinstance(exp, Experience):
+            raise TypeError(f"experience {i}: expected an Experience, got {type(exp).__name__}")
+        e = <Experience>exp
+        if e.tokens is None:
+            raise ValueError(f"experience {i}: tokens: every experience needs tokens")
+        for f in range(N_ARRAY_FIELDS):
+            value = _array_field(e, i, f)
+            if value is not None and not kept_as_is(value, f):
+                _check_array(i, f, value)
+        n_tokens = len(e.tokens)
+        _check_int(i, "prompt_length", e.prompt_length, False)
+        plen = PyLong_AsLongLongAndOverflow(int(e.prompt_length), &overflow)
+        if overflow or not 0 <= plen <= n_tokens:
+            raise ValueError(f"experience {i}: prompt_length {e.prompt_length} is outside "
+                             f"0..{n_tokens} (the number of tokens)")
+        reward = e.reward
+        if reward is not None and type(reward) is not float and (
+                isinstance(reward, bool) or not isinstance(reward, _NUMBERS)):
+            _bad(i, "reward", reward, "a number or None")
+        eid = e.eid
+        if type(eid) is not _EID and not isinstance(eid, _EID):
+            _bad(i, "eid", eid, "an EID")
+        for f in range(2):
+            value = eid_field(eid, f)
+            if type(value) is not str:
+                _check_int(i, f"eid.{_EID_FIELDS[f]}", value, True)
+        _check_int(i, "eid.run", eid_field(eid, 2), True)
+        _check_int(i, "eid.step", eid_field(eid, 3), True)
+        if type(eid_field(eid, 4)) is not str:
+            _bad(i, "eid.suffix", eid_field(eid, 4), "a str")
+        if type(e.info) is not dict:
+            _bad(i, "info", e.info, "a dict")
+        if type(e.metrics) is not dict:
+            _bad(i, "metrics", e.metrics, "a dict")
+        _optional(i, "truncate_status", e.truncate_status, str)
+        _optional(i, "response_text", e.response_text, str)
+        _optional(i, "prompt_text", e.prompt_text, str)
+        _optional(i, "messages", e.messages, list)
+        _optional(i, "tools", e.tools, list)
+        _optional(i, "chosen_messages", e.chosen_messages, list)
+        _optional(i, "rejected_messages", e.rejected_messages, list)
+
+
+# ---------------------------------------------------------------- columns -> experiences
+cdef inline int64_t _int64_at(cnp.ndarray a, Py_ssize_t i) noexcept:
+    return (<int64_t*>(cnp.PyArray_BYTES(a) + i * cnp.PyArray_STRIDE(a, 0)))[0]
+
+
+cdef inline double _float64_at(cnp.ndarray a, Py_ssize_t i) noexcept:
+    return (<double*>(cnp.PyArray_BYTES(a) + i * cnp.PyArray_STRIDE(a, 0)))[0]
+
+
+cdef inline bint _bool_at(cnp.ndarray a, Py_ssize_t i) noexcept:
+    return (<cnp.npy_bool*>(cnp.PyArray_BYTES(a) + i * cnp.PyArray_STRIDE(a, 0)))[0] != 0
+
+
+cdef cnp.ndarray _vector(object values, int num, Py_ssize_t n, str what):
+    """``values`` as a 1-D native-endian array of dtype number ``num`` of at least ``n``
+    values (itself when it is one)."""
+    if not (cnp.PyArray_CheckExact(values) and cnp.PyArray_TYPE(<cnp.ndarray>values) == num
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>values)):
+        values = np.asarray(values, dtype=cnp.PyArray_DescrFromType(num))
+    cdef cnp.ndarray a = <cnp.ndarray>values
+    if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIM(a, 0) < n:
+        raise ValueError(f"ExperienceBatch {what}: expected a 1-D array of {n} values, got "
+                         f"shape {np.shape(a)}")
+    return a
+
+
+cdef class ColumnReader:
+    """Item ``i`` of an ArrayColumn, as ``column[i]`` gives it: None where absent, else
+    ``data[starts[i]:stops[i]]``, made here with the numpy C API when ``data`` is an exact
+    1-D array and the slice lies within it."""
+
+    def __cinit__(self, int field, object column, Py_ssize_t n):
+        self.field = field
+        self.data = column.data
+        name = ARRAY_FIELDS[field]
+        self.starts = _vector(column.starts, cnp.NPY_INT64, n, f"column {name!r} starts")
+        self.stops = _vector(column.stops, cnp.NPY_INT64, n, f"column {name!r} stops")
+        present = column.present
+        if present is not None:
+            self.present = _vector(present, cnp.NPY_BOOL, n, f"column {name!r} present")
+        cdef cnp.ndarray a
+        if cnp.PyArray_CheckExact(self.data) and cnp.PyArray_NDIM(<cnp.ndarray>self.data) == 1:
+            a = <cnp.ndarray>self.data
+            self.descr = <object>cnp.PyArray_DESCR(a)
+            self.first = cnp.PyArray_BYTES(a)
+            self.stride = cnp.PyArray_STRIDE(a, 0)
+            self.length = cnp.PyArray_DIM(a, 0)
+            self.flags = cnp.PyArray_FLAGS(a) & cnp.NPY_ARRAY_WRITEABLE
+
+    cdef object read(self, Py_ssize_t i):
+        if self.present is not None and not _bool_at(self.present, i):
+            return None
+        cdef cnp.npy_intp start = _int64_at(self.starts, i), stop = _int64_at(self.stops, i)
+        if self.first == NULL or not 0 <= start <= stop <= self.length:
+            return self.data[start:stop]
+        cdef cnp.npy_intp dim = stop - start
+        if dim == 0:
+            start = 0   # as numpy's slicing makes an empty view: at the first value
+        Py_INCREF(self.descr)     # PyArray_NewFromDescr steals it
+        view = PyArray_NewFromDescr(&PyArray_Type, <PyArray_Descr*>self.descr, 1, &dim,
+                                    &self.stride, self.first + start * self.stride, self.flags,
+                                    NULL)
+        cnp.set_array_base(view, self.data)
+        return view
+
+
+cdef inline void _set_array(Experience e, int field, object value):
+    if field == F_TOKENS:
+        e.tokens = value
+    elif field == F_LOGPROBS:
+        e.logprobs = value
+    elif field == F_TOKEN_LEVEL_REWARD:
+        e.token_level_reward = value
+    elif field == F_ADVANTAGES:
+        e.advantages = value
+    elif field == F_RETURNS:
+        e.returns = value
+    elif field == F_ACTION_MASK:
+        e.action_mask = value
+    elif field == F_CHOSEN:
+        e.chosen = value
+    elif field == F_REJECTED:
+        e.rejected = value
+    else:
+        e.teacher_logprobs = value
+
+
+cpdef list unpack(object batch, Py_ssize_t start, Py_ssize_t stop):
+    """Experiences ``start`` to ``stop`` of ``batch`` (an ExperienceBatch, or any object with
+    its attributes): array fields are views into its columns, metadata objects are its
+    items' own."""
+    items = batch.items
+    cdef Py_ssize_t n = len(items), i
+    if not 0 <= start <= stop <= n:
+        raise IndexError(f"experiences {start} to {stop} are out of range for a batch of {n}")
+    cdef cnp.ndarray rewards = _vector(batch.rewards, cnp.NPY_FLOAT64, n, "rewards")
+    cdef cnp.ndarray has_reward = None
+    if batch.reward_present is not None:
+        has_reward = _vector(batch.reward_present, cnp.NPY_BOOL, n, "reward_present")
+    cdef cnp.ndarray plens = _vector(batch.prompt_lengths, cnp.NPY_INT64, n, "prompt_lengths")
+    columns = batch.columns
+    cdef list readers = []
+    cdef int field
+    for field in range(N_ARRAY_FIELDS):
+        column = columns.get(ARRAY_FIELDS[field])
+        if column is not None:
+            readers.append(ColumnReader(field, column, n))
+
+    cdef list exps = []
+    cdef Experience e
+    cdef ColumnReader reader
+    cdef tuple values
+    for i in range(start, stop):
+        e = Experience.__new__(Experience)
+        item = items[i]
+        if type(item) is _WireItem:
+            (eid, e.info, e.metrics, e.response_text, e.prompt_text, e.truncate_status,
+             e.messages, e.tools, e.chosen_messages, e.rejected_messages) = _astuple(item)
+        else:
+            eid = item.eid
+            e.info, e.metrics = item.info, item.metrics
+            e.response_text, e.prompt_text = item.response_text, item.prompt_text
+            e.truncate_status, e.messages, e.tools = item.truncate_status, item.messages, item.tools
+            e.chosen_messages, e.rejected_messages = item.chosen_messages, item.rejected_messages
+        if type(eid) is _WireEID:
+            values = _astuple(eid)
+            e.eid = make_eid(values[0], values[1], values[2], values[3], values[4])
+        else:
+            e.eid = make_eid(eid.batch, eid.task, eid.run, eid.step, eid.suffix)
+        e.prompt_length = _int64_at(plens, i)
+        e.reward = (_float64_at(rewards, i) if has_reward is None or _bool_at(has_reward, i)
+                    else None)
+        for reader in readers:
+            _set_array(e, reader.field, reader.read(i))
+        exps.append(e)
+    return exps
+

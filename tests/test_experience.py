@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from fastrollout import EID, Experience, ExperienceBatch
-from fastrollout._native import experience as native
-from fastrollout.experience import decode_experiences, encode_experiences, to_torch
-from fastrollout.experience.model import ARRAY_FIELDS, FIELD_DTYPES, FIELDS, as_array
+from fastrollout._native import suffix
+from fastrollout.compat.trinity import decode_trxp, encode_trxp
+from fastrollout.experience import ArrayColumn, decode_experiences, encode_experiences, to_torch
+from fastrollout.experience.model import ARRAY_FIELDS, FIELD_DTYPES, FIELDS, META_FIELDS, as_array
 
 
 def make(i=0, n_prompt=3, n_resp=4, **kw):
@@ -47,13 +48,15 @@ def test_suffix_generator_is_reseeded_in_forked_children():
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:    # child: report its next suffixes and leave at once
-        os.write(write, " ".join(native.new_suffix() for _ in range(8)).encode())
-        os._exit(0)
+        try:
+            os.write(write, " ".join(suffix.new_suffix() for _ in range(8)).encode())
+        finally:
+            os._exit(0)
     os.close(write)
     with os.fdopen(read) as f:
         child = f.read().split()
     os.waitpid(pid, 0)
-    parent = [native.new_suffix() for _ in range(8)]
+    parent = [suffix.new_suffix() for _ in range(8)]
     assert len(child) == 8 and child != parent     # unseeded, both would draw the same
 
 
@@ -151,6 +154,10 @@ _INPUTS = [
     np.arange(6, dtype=np.int32)[::2], np.arange(3, dtype=np.float32).view(_Sub),
     np.array([], dtype=np.float64), np.array(5, dtype=np.int32), np.zeros((2, 2), np.float32),
     [1, 2], [0.5, 1.5], [True, False], [], [[1]], ["a"], 7,
+    # lists, made in C where numpy would make the same array: the edges of that
+    [-2**31, 2**31 - 1], [2**31], [-2**31 - 1], [2**63], [2**64], [1, 2.0], [1, True],
+    [True, 2], [2**53, -2**53], [2**53 + 1], [0.1, -0.0, float("nan"), float("inf")],
+    [3.4e38, -3.4e38], [np.int64(1)], [np.float32(0.5)], [None], (1, 2),
     torch.arange(3, dtype=torch.int32), torch.arange(3, dtype=torch.int64),
     torch.ones(3, dtype=torch.bfloat16), torch.tensor([True, False]),
 ]
@@ -168,7 +175,7 @@ def test_every_array_field_converts_as_as_array_does(name):
             continue
         got = getattr(Experience(**{"tokens": [1], name: value}), name)
         assert type(got) is type(expected) and got.dtype == expected.dtype
-        assert np.array_equal(got, expected) and (got is value) == (expected is value)
+        assert got.tobytes() == expected.tobytes() and (got is value) == (expected is value)
         kept = FIELD_DTYPES[name][1]
         if type(value) is np.ndarray and value.ndim == 1 and value.dtype in kept:
             assert got is value
@@ -235,7 +242,8 @@ def test_pickle_and_copy_round_trip():
     deep = copy.deepcopy(exp)
     _same(deep, exp)
     assert deep.tokens is not exp.tokens and deep.info is not exp.info
-    empty = Experience._from_parts({"tokens": np.arange(2, dtype=np.int32)})
+    empty = Experience.__new__(Experience)  # every field None
+    empty.tokens = np.arange(2, dtype=np.int32)
     _same(pickle.loads(pickle.dumps(empty)), empty)
 
 
@@ -267,46 +275,118 @@ def test_python_subclasses():
         _same(copy.copy(exp), exp)
     assert pickle.loads(pickle.dumps(slot)).extra == {"x": 1}
     assert pickle.loads(pickle.dumps(plain)).note == "kept"
-    parts = DictExperience._from_parts({"tokens": np.arange(2, dtype=np.int32), "reward": 1.0})
-    assert type(parts) is DictExperience and parts.reward == 1.0 and parts.eid is None
 
 
-def test_from_parts_to_torch_repr():
+def test_to_torch_and_repr():
     tokens, logprobs = np.arange(4, dtype=np.int64), np.zeros(2, dtype=np.float16)
-    exp = Experience._from_parts({"tokens": tokens, "logprobs": logprobs, "prompt_length": 2,
-                                  "eid": EID(batch=1, task=2, suffix="abcdef")})
-    assert exp.tokens is tokens and exp.logprobs is logprobs and exp.info is None
+    exp = Experience(tokens=tokens, logprobs=logprobs, prompt_length=2,
+                     eid=EID(batch=1, task=2, suffix="abcdef"))
+    assert exp.tokens is tokens and exp.logprobs is logprobs
     tensors = exp.to_torch()
     assert sorted(tensors) == ["logprobs", "tokens"] and tensors["logprobs"].dtype == torch.float16
     assert repr(exp) == "Experience(eid='1/2/0/0/abcdef', tokens=4, prompt_length=2, reward=None)"
 
 
-def test_bind_refuses_what_the_fast_paths_cannot_serve():
-    kw = dict(as_array=as_array, to_torch=to_torch, field_dtypes=FIELD_DTYPES)
-
-    @dataclasses.dataclass
-    class NoSlots:
-        batch: str = ""
-
-    @dataclasses.dataclass(slots=True)
-    class Required:
-        batch: str
-
-    for eid_type in (NoSlots, Required):
-        with pytest.raises(TypeError, match="dataclass"):
-            native.bind(eid_type=eid_type, **kw)
-    with pytest.raises(ValueError, match="field_dtypes"):
-        native.bind(eid_type=EID, as_array=as_array, to_torch=to_torch,
-                    field_dtypes={"tokens": FIELD_DTYPES["tokens"]})
-    assert type(Experience(tokens=[1]).eid) is EID     # the binding in place is untouched
+def _fresh(code, stdin=b""):
+    """What ``code`` prints in a new interpreter."""
+    return subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True,
+                          timeout=120, check=True).stdout.decode().split()
 
 
-def test_native_experience_binds_the_model_on_first_use():
-    # A process that imports the compiled class directly (not through fastrollout.experience).
-    code = ("import sys; from fastrollout._native.experience import Experience; "
-            "assert 'fastrollout.experience.model' not in sys.modules; "
-            "e = Experience(tokens=[1, 2]); "
-            "print(type(e.eid).__module__, e.tokens.dtype, sorted(e.to_torch()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
-    assert out.split() == ["fastrollout.experience.model", "int32", "['tokens']"]
+_LEAVES = ["fastrollout.experience.column", "fastrollout.experience.eid",
+           "fastrollout.experience.fields", "fastrollout.experience.wire"]
+_LOADED = ("print(*sorted(m for m in sys.modules if m.startswith(('fastrollout._native.', "
+           "'fastrollout.experience.'))))")
+
+
+def test_native_modules_import_leaf_modules_only():
+    # Imported first (as unpickling does): no import cycle, and of the experience package only
+    # the leaf modules, which import nothing compiled but the suffix generator.
+    assert _fresh(f"import sys, fastrollout._native.pack; {_LOADED}") == [
+        "fastrollout._native.experience", "fastrollout._native.pack",
+        "fastrollout._native.suffix", *_LEAVES]
+    assert _fresh(f"import sys, {', '.join(_LEAVES)}; {_LOADED}") == [
+        "fastrollout._native.suffix", *_LEAVES]
+    exp = Experience(tokens=[1, 2], eid=EID(batch=1))
+    code = ("import pickle, sys; e = pickle.loads(sys.stdin.buffer.read()); "
+            "print(type(e.eid).__module__, e.eid.batch, e.tokens.dtype, *e.to_torch())")
+    assert _fresh(code, pickle.dumps(exp)) == ["fastrollout.experience.eid", "1", "int32",
+                                               "tokens"]
+
+
+def _same_view(got, expected):
+    if expected is None:
+        assert got is None
+        return
+    assert type(got) is type(expected) and got.base is expected.base
+    assert got.__array_interface__ == expected.__array_interface__  # address, shape, flags
+
+
+def test_batch_items_are_views_into_the_columns_with_the_items_metadata():
+    exps = [make(i, n_resp=2 + i, advantages=[0.5] * (5 + i) if i % 2 else None,
+                 info={"i": i}, metrics={"m": float(i)}, response_text=f"r{i}",
+                 truncate_status="length" if i == 2 else None,
+                 messages=[{"role": "user"}] if i == 1 else None) for i in range(5)]
+    exps[3].reward = None
+    batches = [decode_experiences(encode_experiences(exps)), decode_trxp(encode_trxp(exps)),
+               ExperienceBatch.from_experiences(exps)]
+    for batch in batches:
+        every, iterated = batch.to_experiences(), list(batch)
+        assert len(every) == len(iterated) == 5
+        for i in range(5):
+            for got in (every[i], iterated[i], batch[i], batch[i - 5]):
+                assert type(got) is Experience and type(got.eid) is EID
+                _same(got, exps[i])
+                for name in ARRAY_FIELDS:
+                    column = batch.columns.get(name)
+                    _same_view(getattr(got, name), None if column is None else column[i])
+                for name in META_FIELDS:
+                    assert getattr(got, name) is getattr(batch.items[i], name)
+        assert every[3].reward is None and every[1].advantages is not None
+    assert batches[1][0].eid is not batches[1][0].eid     # a new EID for every Experience
+    many = ExperienceBatch.from_experiences([Experience(tokens=[i], reward=i) for i in range(600)])
+    assert [(e.tokens.tolist(), e.reward) for e in many] == [([i], i) for i in range(600)]
+
+
+def test_batch_items_read_any_array_column_as_its_own_indexing_does():
+    items = ExperienceBatch.from_experiences([make(i) for i in range(3)]).items
+    data = np.arange(40, dtype=np.int64)
+    frozen = data.copy()
+    frozen.flags.writeable = False
+    columns = [
+        ArrayColumn(data[::2], np.array([4, 0, 3], np.int32), np.array([7, 2, 3], np.int32)),
+        ArrayColumn(frozen, np.array([0, -3, 38]), np.array([5, -1, 45])),   # Python's slicing
+        ArrayColumn(frozen, np.array([1, 2, 3]), np.array([2, 4, 6]), np.array([1, 0, 1], bool)),
+        ArrayColumn(data.view(_Sub), np.array([1, 2, 3]), np.array([2, 4, 6])),
+        ArrayColumn(data.astype(">i8"), np.array([0, 1, 2]), np.array([1, 2, 3])),
+    ]
+    for column in columns:
+        batch = ExperienceBatch(items, {"tokens": column}, np.zeros(3), None,
+                                np.ones(3, np.int64))
+        for i, exp in enumerate(batch.to_experiences()):
+            _same_view(exp.tokens, column[i])
+            _same_view(batch[i].tokens, column[i])
+
+
+_INT_FIELDS = [name for name in ARRAY_FIELDS if FIELD_DTYPES[name][0].kind == "i"]
+
+
+@pytest.mark.parametrize("name", _INT_FIELDS)
+def test_integer_fields_take_whole_floats_and_refuse_other_floats(name):
+    # Trinity's own test workflows build Experience(tokens=torch.zeros(5)), a float32 tensor.
+    default = FIELD_DTYPES[name][0]
+    for value in (torch.zeros(5), torch.tensor([1.0, -2.0], dtype=torch.bfloat16),
+                  np.array([1.0, 2.0**31 - 1]), np.array([-3.0], np.float16), [3.0, 4.0],
+                  [1, 2.0]):
+        got = getattr(Experience(**{"tokens": [1], name: value}), name)
+        expected = np.asarray(value.float() if isinstance(value, torch.Tensor) else value)
+        assert type(got) is np.ndarray and got.dtype == default
+        assert got.tolist() == expected.tolist()
+    refused = [(torch.tensor([1.0, float("nan")]), "nan"), (np.array([0.0, 1.5]), "1.5"),
+               ([2.0, 0.5], "0.5"), (np.array([1.0, np.inf], np.float32), "inf"),
+               ([0.0, 2.0**31], "2147483648.0"), (torch.tensor([0.0, -1e10]), "-10000000000.0")]
+    for value, shown in refused:
+        with pytest.raises(ValueError, match=rf"^Experience\.{name} must hold {default} values: "
+                                             rf"floats must be whole numbers within {default}'s "
+                                             rf"range, got {shown} at index 1$"):
+            Experience(**{"tokens": [1], name: value})

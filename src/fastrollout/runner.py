@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Coroutine
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
+from ._native.pack import check as check_experiences
 from .engines.client import ModelClient
 from .errors import EngineDeadError
-from .experience.check import check_experiences
 from .metrics import aggregate_run_level_metrics
 from .operators import VersionSpan
 from .task import Task

@@ -1,26 +1,19 @@
-"""Stub of the compiled Experience and EID suffix generator (native/experience.pyx)."""
-from collections.abc import Callable, Iterable
-from typing import Any, Final
+"""Stub of the compiled Experience (native/experience.pyx)."""
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-ARRAY_FIELDS: Final[tuple[str, ...]]
-META_FIELDS: Final[tuple[str, ...]]
-FIELDS: Final[tuple[str, ...]]
+from fastrollout.experience.eid import EID
 
-def reseed() -> None: ...
-def new_suffix() -> str: ...
-def bind(*, eid_type: type, as_array: Callable[[Any, str], np.ndarray],
-         to_torch: Callable[[np.ndarray], Any],
-         field_dtypes: dict[str, tuple[np.dtype, tuple[np.dtype, ...], str]]) -> None: ...
 def _unpickle(cls: type[Experience], values: Iterable[Any]) -> Experience: ...
 
 class Experience:
     tokens: npt.NDArray[Any]
     prompt_length: int
     reward: float | None
-    eid: Any  # fastrollout.experience.model.EID
+    eid: EID
     logprobs: npt.NDArray[Any] | None
     token_level_reward: npt.NDArray[Any] | None
     advantages: npt.NDArray[Any] | None
@@ -47,8 +40,7 @@ class Experience:
                  prompt_text: str | None = None, messages: list | None = None,
                  tools: list | None = None, chosen: Any = None, rejected: Any = None,
                  chosen_messages: list | None = None, rejected_messages: list | None = None,
-                 teacher_logprobs: Any = None, eid: Any = None) -> None: ...
-    @classmethod
-    def _from_parts(cls, fields: dict[str, Any]) -> Experience: ...
+                 teacher_logprobs: Any = None, eid: EID | dict[str, Any] | None = None
+                 ) -> None: ...
     def to_torch(self) -> dict[str, Any]: ...
     def __reduce__(self) -> tuple[Any, ...]: ...

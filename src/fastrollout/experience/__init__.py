@@ -1,8 +1,36 @@
-"""Experiences: the Experience/EID model, columnar batches and the zero-copy wire codec."""
-from .batch import ArrayColumn, ExperienceBatch
-from .codec import decode_experiences, encode_experiences
-from .dispatch import decode_any, decode_payloads
-from .model import EID, Experience, to_torch
+"""Experiences: the Experience/EID model, columnar batches and the zero-copy wire codec.
 
-__all__ = ["EID", "ArrayColumn", "Experience", "ExperienceBatch", "decode_any",
-           "decode_experiences", "decode_payloads", "encode_experiences", "to_torch"]
+Names are imported on first use: the compiled Experience imports this package's leaf
+modules (``fields``, ``eid``), and importing them must not import the rest of the package,
+which imports the compiled Experience."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_getattr
+
+_EXPORTS = {
+    "EID": ".eid", "Experience": ".model", "to_torch": ".fields",
+    "ArrayColumn": ".column", "ExperienceBatch": ".batch",
+    "decode_experiences": ".codec", "encode_experiences": ".codec",
+    "decode_any": ".dispatch", "decode_payloads": ".dispatch",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS, globals())
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .batch import ExperienceBatch
+    from .codec import decode_experiences, encode_experiences
+    from .column import ArrayColumn
+    from .dispatch import decode_any, decode_payloads
+    from .eid import EID
+    from .fields import to_torch
+    from .model import Experience

@@ -1,97 +1,21 @@
 """ExperienceBatch: experiences as columns (views into a decoded payload, or built directly)."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import msgspec
 import numpy as np
 
-from .._native.pack import bind, pack
-from .model import ARRAY_FIELDS, EID, META_FIELDS, Experience, as_array, to_torch
+from .._native.pack import pack, unpack
+from .column import ArrayColumn
+from .model import ARRAY_FIELDS, EID, META_FIELDS, Experience, to_torch
+from .wire import WireEID, WireItem
 
+__all__ = ["ArrayColumn", "ExperienceBatch", "WireEID", "WireItem"]
 
-class ArrayColumn:
-    """One array field of every item: item ``i`` is ``data[starts[i]:stops[i]]``, or None
-    where ``present[i]`` is False. Decoders build it over the payload without copying."""
-
-    __slots__ = ("data", "starts", "stops", "present")
-
-    def __init__(self, data: np.ndarray, starts: np.ndarray, stops: np.ndarray,
-                 present: np.ndarray | None = None) -> None:
-        self.data = data
-        self.starts = starts
-        self.stops = stops
-        self.present = present  # None: every item has the field
-
-    @classmethod
-    def from_offsets(cls, data: np.ndarray, offsets: np.ndarray,
-                     present: np.ndarray | None = None) -> ArrayColumn:
-        return cls(data, offsets[:-1], offsets[1:], present)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i: int) -> np.ndarray | None:
-        if self.present is not None and not self.present[i]:
-            return None
-        return self.data[self.starts[i]:self.stops[i]]
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.data.dtype
-
-    def lengths(self) -> np.ndarray:
-        return (self.stops - self.starts).astype(np.int64, copy=False)
-
-    def is_contiguous(self) -> bool:
-        return len(self.starts) == 0 or bool((self.starts[1:] == self.stops[:-1]).all())
-
-    def flat(self) -> np.ndarray:
-        """Every item's values end to end: a view when stored that way, else one copy."""
-        if len(self.starts) == 0:
-            return self.data[:0]
-        if self.is_contiguous():
-            return self.data[self.starts[0]:self.stops[-1]]
-        return np.concatenate([self.data[a:b] for a, b in zip(self.starts.tolist(),
-                                                              self.stops.tolist())])
-
-    def offsets(self) -> np.ndarray:
-        """int64 offsets (len n+1) of each item in ``flat()``."""
-        out = np.zeros(len(self.starts) + 1, dtype=np.int64)
-        np.cumsum(self.lengths(), out=out[1:])
-        return out
-
-    def segments(self) -> list[np.ndarray]:
-        """Views to copy from when concatenating: one per run of contiguous items."""
-        if self.is_contiguous():
-            return [self.flat()]
-        return [self.data[a:b] for a, b in zip(self.starts.tolist(), self.stops.tolist())]
-
-
-class WireEID(msgspec.Struct, array_like=True, gc=False):
-    batch: int | str
-    task: int | str
-    run: int
-    step: int
-    suffix: str
-
-
-class WireItem(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
-    """Per-experience metadata, an ExperienceBatch's item and its wire form: the fields most
-    often unset come last (omitted). Not tracked by the GC (its dicts are)."""
-
-    eid: WireEID
-    info: dict = {}
-    metrics: dict = {}
-    response_text: str | None = None
-    prompt_text: str | None = None
-    truncate_status: str | None = None
-    messages: list | None = None
-    tools: list | None = None
-    chosen_messages: list | None = None
-    rejected_messages: list | None = None
+# Experiences made at a time when iterating over a batch: as fast per item as all at once,
+# without holding them all.
+_ITER_CHUNK = 256
 
 
 class ExperienceBatch(Sequence):
@@ -123,26 +47,22 @@ class ExperienceBatch(Sequence):
         return len(self.items)
 
     def __getitem__(self, i: int) -> Experience:  # type: ignore[override]
+        """Experience ``i``: its array fields are views into the columns, its metadata
+        objects (info, metrics, messages, ...) the item's own."""
         n = len(self.items)
         if not -n <= i < n:
             raise IndexError(f"experience index {i} out of range for a batch of {n}")
         i %= n
-        item = self.items[i]
-        e = item.eid
-        parts: dict[str, Any] = {name: getattr(item, name) for name in META_FIELDS}
-        parts["eid"] = EID(e.batch, e.task, e.run, e.step, e.suffix)
-        parts["prompt_length"] = int(self.prompt_lengths[i])
-        has_reward = self.reward_present is None or self.reward_present[i]
-        parts["reward"] = float(self.rewards[i]) if has_reward else None
-        for name, col in self.columns.items():
-            parts[name] = col[i]
-        return Experience._from_parts(parts)
+        return unpack(self, i, i + 1)[0]
 
     def __iter__(self) -> Iterator[Experience]:
-        return (self[i] for i in range(len(self.items)))
+        n = len(self.items)
+        for start in range(0, n, _ITER_CHUNK):
+            yield from unpack(self, start, min(start + _ITER_CHUNK, n))
 
     def to_experiences(self) -> list[Experience]:
-        return list(self)
+        """Every experience, as ``self[i]`` gives it, made in one pass."""
+        return unpack(self, 0, len(self.items))
 
     def column(self, name: str) -> ArrayColumn | None:
         """The ArrayColumn of an array field, or None when no item has it."""
@@ -259,10 +179,3 @@ class ExperienceBatch(Sequence):
 
     def __repr__(self) -> str:
         return f"ExperienceBatch({len(self)} experiences, columns={list(self.columns)})"
-
-
-# The packer builds a WireEID from an EID's fields by position.
-if WireEID.__struct_fields__ != tuple(f.name for f in dataclasses.fields(EID)):
-    raise ImportError(f"WireEID's fields {WireEID.__struct_fields__} must be EID's, in order")
-bind(as_array=as_array, column_type=ArrayColumn.from_offsets, item_type=WireItem,
-     eid_type=WireEID)
