@@ -67,7 +67,8 @@ class _RepeatNow(Workflow):
     is_async = True
 
     async def run_async(self):
-        exps = [Experience(tokens=_TOKENS, prompt_length=4, reward=1.0) for _ in range(self.repeat_times)]
+        exps = [Experience(tokens=_TOKENS, prompt_length=4, reward=1.0)
+                for _ in range(self.repeat_times)]
         for i, exp in enumerate(exps):
             exp.eid.run = self.run_id_base + i
         return exps
@@ -77,7 +78,8 @@ class _RepeatNowSync(_RepeatNow):
     is_async = False
 
     def run(self):
-        exps = [Experience(tokens=_TOKENS, prompt_length=4, reward=1.0) for _ in range(self.repeat_times)]
+        exps = [Experience(tokens=_TOKENS, prompt_length=4, reward=1.0)
+                for _ in range(self.repeat_times)]
         for i, exp in enumerate(exps):
             exp.eid.run = self.run_id_base + i
         return exps
@@ -103,7 +105,8 @@ async def run_fastrollout_batch(num_tasks: int, repeat: int, *, slots: int = SLO
     coordinator._task_finished = timed_book
     try:
         is_eval = batch_type == "eval"
-        tasks = [Task(workflow=workflow, repeat_times=repeat, is_eval=is_eval) for _ in range(num_tasks)]
+        tasks = [Task(workflow=workflow, repeat_times=repeat, is_eval=is_eval)
+                 for _ in range(num_tasks)]
         batch_id = 1 if not is_eval else "1/bench"
         result, start, end = await timed_batch(coordinator, batch_id, tasks, batch_type)
         assert result["finished_task_count"] == num_tasks
@@ -119,7 +122,8 @@ async def run_fastrollout_batch(num_tasks: int, repeat: int, *, slots: int = SLO
 def test_fastrollout_coordinator(benchmark, batch_type, loop):
     benchmark.group = f"coordinator-{batch_type}"
     runner = uvloop.run if loop == "uvloop" else asyncio.run
-    _measure(benchmark, lambda: runner(run_fastrollout_batch(NUM_TASKS, REPEAT, batch_type=batch_type)))
+    _measure(benchmark, lambda: runner(run_fastrollout_batch(NUM_TASKS, REPEAT,
+                                                              batch_type=batch_type)))
 
 
 @pytest.mark.parametrize("batch_type", ["train", "eval"])

@@ -10,9 +10,17 @@ import tracemalloc
 
 import pytest
 
-from fastrollout._native.ledger import (SLOT_BYTES, TASK_CANCELLED, TASK_DONE, TASK_FAILED,
-                                        TASK_FREE, TASK_PENDING, TASK_RUNNING, StatusError,
-                                        TaskLedger)
+from fastrollout._native.ledger import (
+    SLOT_BYTES,
+    TASK_CANCELLED,
+    TASK_DONE,
+    TASK_FAILED,
+    TASK_FREE,
+    TASK_PENDING,
+    TASK_RUNNING,
+    StatusError,
+    TaskLedger,
+)
 
 _FINAL = (TASK_DONE, TASK_FAILED, TASK_CANCELLED)
 _LEGAL = {(TASK_FREE, TASK_PENDING), (TASK_PENDING, TASK_RUNNING), (TASK_PENDING, TASK_CANCELLED),
@@ -68,7 +76,8 @@ class DictTaskLedger:
             bslot = self._batch_free.pop()
         else:
             bslot, self._batch_top = self._batch_top, self._batch_top + 1
-        self.batches[bslot] = dict(expected=0, completed=0, failed=0, running=0, cancelled=0, tasks={})
+        self.batches[bslot] = dict(expected=0, completed=0, failed=0, running=0, cancelled=0,
+                                   tasks={})
         return bslot
 
     def drop_batch(self, bslot: int) -> None:
@@ -199,5 +208,6 @@ def test_memory_per_100k_slots(benchmark, impl):
     benchmark.extra_info["traced_bytes_per_slot"] = round(traced / SLOTS, 1)
     if impl is TaskLedger:
         benchmark.extra_info["nbytes_per_slot"] = round(table.nbytes / SLOTS, 1)
-        benchmark.extra_info["nbytes_per_slot_presized"] = round(_fill(impl, SLOTS).nbytes / SLOTS, 1)
+        presized = _fill(impl, SLOTS).nbytes
+        benchmark.extra_info["nbytes_per_slot_presized"] = round(presized / SLOTS, 1)
         benchmark.extra_info["slot_struct_bytes"] = SLOT_BYTES

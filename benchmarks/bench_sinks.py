@@ -53,7 +53,7 @@ def _throughput(benchmark, nbytes=None):
 @pytest.mark.benchmark(group="sink write 1024 experiences")
 def test_durable_write(benchmark, data, tmp_path):
     with DurableLogSink(tmp_path) as sink:
-        benchmark.pedantic(sink.write, args=(3, data["batch"]), rounds=ROUNDS,
+        benchmark.pedantic(sink.write, args=(3, [data["batch"]]), rounds=ROUNDS,
                            warmup_rounds=1)
         record_bytes = sink.end // (ROUNDS + 1)
     benchmark.extra_info["record_bytes"] = record_bytes

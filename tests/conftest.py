@@ -2,6 +2,7 @@
 
 Every ``async def`` test runs twice, under the stdlib asyncio loop and under
 uvloop (as uvloop's and asyncpg's suites do), and must leave no task running.
+Every test module may request the ``tiny_model`` fixture (``tinymodel.py``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import inspect
 
 import pytest
 import uvloop
+
+from tinymodel import tiny_model  # noqa: F401  (the fixture, for every test module)
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 

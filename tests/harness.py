@@ -6,7 +6,6 @@ import asyncio
 
 from fastrollout import Config, RolloutCoordinator, Task
 from fastrollout.engines import SimulatedEngine
-
 from workflows import SyncWorkflow
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Self
 
 
 class LoopTicks:
@@ -16,7 +17,7 @@ class LoopTicks:
             self.count += 1
             await asyncio.sleep(0)
 
-    async def __aenter__(self) -> LoopTicks:
+    async def __aenter__(self) -> Self:
         self._task = asyncio.ensure_future(self._tick())
         return self
 

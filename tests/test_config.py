@@ -9,8 +9,15 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from fastrollout import (Config, ConfigError, DynamicTimeoutConfig, ExplorerConfig,
-                         MonitorConfig, OverRolloutConfig, PipelineConfig)
+from fastrollout import (
+    Config,
+    ConfigError,
+    DynamicTimeoutConfig,
+    ExplorerConfig,
+    MonitorConfig,
+    OverRolloutConfig,
+    PipelineConfig,
+)
 
 CUSTOM = {
     "mode": "explore",
@@ -21,7 +28,8 @@ CUSTOM = {
         "dynamic_timeout": {"enable": True, "ratio": 2.0, "warmup_min_steps": 3},
     },
     "monitor": {"detailed_stats": True, "backends": ["tensorboard"], "project": "p"},
-    "pipeline": {"sink": "discard", "max_buffered_experiences": 1000,
+    "pipeline": {"sink": "discard", "max_buffered_experiences": 1000, "path": "log",
+                 "segment_bytes": 1 << 20,
                  "operators": [{"type": "grpo", "epsilon": 1e-5, "norm_std": False},
                                {"type": "staleness_filter", "max_staleness": 2}]},
     "weight_sync": {"mode": "keep"},
@@ -52,6 +60,8 @@ project = "p"
 [pipeline]
 sink = "discard"
 max_buffered_experiences = 1000
+path = "log"
+segment_bytes = 1048576
 [[pipeline.operators]]
 type = "grpo"
 epsilon = 1e-5
@@ -176,6 +186,20 @@ def test_unknown_key_lists_the_known_ones():
     with pytest.raises(ConfigError) as info:
         Config.from_dict({"explorer": {"max_timeouts": 5}})
     assert "max_timeout," in str(info.value) and "dynamic_timeout" in str(info.value)
+
+
+def test_unknown_key_in_an_operator_lists_that_operators_keys():
+    data = {"pipeline": {"operators": [{"type": "grpo"},
+                                       {"type": "dynamic_filter", "thresold": 0.1}]}}
+    with pytest.raises(ConfigError, match=r"^pipeline\.operators\[1\]\.thresold: unknown key "
+                                          r"\(known keys: threshold\)$"):
+        Config.from_dict(data)
+
+
+def test_bad_value_in_an_operator_is_shown():
+    data = {"pipeline": {"operators": [{"type": "grpo", "epsilon": -1}]}}
+    with pytest.raises(ConfigError, match=r"^pipeline\.operators\[0\]\.epsilon: .*\(value: -1\)$"):
+        Config.from_dict(data)
 
 
 # (path, bad value): wrong types first, then values out of range.

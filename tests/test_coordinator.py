@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import types
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
-from fastrollout import (BatchLifecycleState, BatchProgress, Config, EngineDeadError, Experience,
-                         GenerationConfig, RolloutCoordinator, Task, Workflow)
+from fastrollout import (
+    BatchLifecycleState,
+    BatchProgress,
+    Config,
+    EngineDeadError,
+    Experience,
+    GenerationConfig,
+    RolloutCoordinator,
+    Task,
+    Workflow,
+)
 from fastrollout.engines import SimulatedEngine
 from fastrollout.experience import encode_experiences
-
 from harness import Harness, make_config, tasks, wait_until
-from loopticks import LoopTicks
-from workflows import (CALLS, AsyncWorkflow, RepeatWorkflow, ResettableWorkflow, SplitSleepWorkflow,
-                       StubbornWorkflow, SyncWorkflow)
+from workflows import (
+    CALLS,
+    AsyncWorkflow,
+    RepeatWorkflow,
+    SplitSleepWorkflow,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -42,14 +53,16 @@ async def test_several_batches_in_sequence():
 
 async def test_concurrent_batches_and_eval():
     async with Harness() as coord:
-        await coord.submit_batch(batch_id=1, tasks=tasks(6, AsyncWorkflow, repeat=2), batch_type="train")
+        await coord.submit_batch(batch_id=1, tasks=tasks(6, AsyncWorkflow, repeat=2),
+                                 batch_type="train")
         await coord.submit_batch(batch_id="1/gsm8k", tasks=tasks(4, AsyncWorkflow, is_eval=True),
                                  batch_type="eval")
         await coord.submit_batch(batch_id=2, tasks=tasks(3, AsyncWorkflow), batch_type="train")
         r1, ev, r2 = await asyncio.gather(coord.finalize_train_batch(1),
                                           coord.finalize_eval_batch("1/gsm8k"),
                                           coord.finalize_train_batch(2))
-        assert (r1["finished_task_count"], ev["finished_task_count"], r2["finished_task_count"]) == (6, 4, 3)
+        counts = [r["finished_task_count"] for r in (r1, ev, r2)]
+        assert counts == [6, 4, 3]
         assert ev["metrics"]["eval/gsm8k/finished_task_count"] == 4.0
         assert "eval/gsm8k/score/mean@1" in ev["metrics"]
         assert not any(k.startswith("experience_pipeline") for k in ev["metrics"])
@@ -58,7 +71,8 @@ async def test_concurrent_batches_and_eval():
 
 async def test_eval_prefix_without_slash():
     async with Harness() as coord:
-        await coord.submit_batch(batch_id="holdout", tasks=tasks(2, is_eval=True), batch_type="eval")
+        await coord.submit_batch(batch_id="holdout", tasks=tasks(2, is_eval=True),
+                                 batch_type="eval")
         result = await coord.finalize_eval_batch("holdout")
         assert result["metrics"]["eval/holdout/finished_task_count"] == 2.0
 
@@ -145,7 +159,8 @@ async def test_over_rollout_returns_partial_tasks():
                          over_rollout={"wait_after_min": 0.05, "return_partial_tasks": True})
     async with Harness(config) as coord:
         SplitSleepWorkflow.fast_done = False
-        work = tasks(1, RepeatWorkflow, repeat=2) + [Task(workflow=SplitSleepWorkflow, repeat_times=4)]
+        split = Task(workflow=SplitSleepWorkflow, repeat_times=4)
+        work = tasks(1, RepeatWorkflow, repeat=2) + [split]
         await coord.submit_batch(batch_id=0, tasks=work, batch_type="train", min_wait_num=1)
         state = coord.pending_batches[0]
         result = await coord.finalize_train_batch(0, timeout=5)
@@ -156,7 +171,8 @@ async def test_over_rollout_returns_partial_tasks():
 
 async def test_concurrent_finalize_returns_equal_results_and_runs_pipeline_once():
     async with Harness() as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow, sleep=0.02), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow, sleep=0.02),
+                                 batch_type="train")
         results = await asyncio.gather(*(coord.finalize_train_batch(0) for _ in range(3)))
         assert results[0] == results[1] == results[2]
         assert len(coord.take_experiences(0)) == 4
@@ -165,7 +181,8 @@ async def test_concurrent_finalize_returns_equal_results_and_runs_pipeline_once(
 
 async def test_abort_then_resubmit_same_id():
     async with Harness() as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(2, AsyncWorkflow, sleep=5), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(2, AsyncWorkflow, sleep=5),
+                                 batch_type="train")
         await coord.abort_batch(0, reason="test")
         assert 0 not in coord.pending_batches
         await coord.submit_batch(batch_id=0, tasks=tasks(2, AsyncWorkflow), batch_type="train")
@@ -194,8 +211,8 @@ async def test_abort_keeps_partial_results_when_asked():
 
 async def test_abort_without_keep_discards_results():
     async with Harness() as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(1, AsyncWorkflow) + tasks(1, AsyncWorkflow, sleep=5),
-                                 batch_type="train")
+        work = tasks(1, AsyncWorkflow) + tasks(1, AsyncWorkflow, sleep=5)
+        await coord.submit_batch(batch_id=0, tasks=work, batch_type="train")
         state = coord.pending_batches[0]
         await wait_until(lambda: state.completed_task_count == 1)
         await coord.abort_batch(0, reason="x")
@@ -205,7 +222,8 @@ async def test_abort_without_keep_discards_results():
 
 async def test_abort_wakes_a_waiting_finalize():
     async with Harness() as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(1, AsyncWorkflow, sleep=5), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(1, AsyncWorkflow, sleep=5),
+                                 batch_type="train")
         waiter = asyncio.ensure_future(coord.finalize_train_batch(0, timeout=30))
         await asyncio.sleep(0.01)
         await coord.abort_batch(0, reason="x")
@@ -222,7 +240,8 @@ async def test_a_finished_batch_leaves_no_cyclic_garbage():
         gc.collect()
         gc.disable()
         try:
-            await coord.submit_batch(batch_id=0, tasks=tasks(300, AsyncWorkflow), batch_type="train")
+            await coord.submit_batch(batch_id=0, tasks=tasks(300, AsyncWorkflow),
+                                     batch_type="train")
             await coord.finalize_train_batch(0, timeout=5)
             assert len(coord.take_experiences(0)) == 300
             await asyncio.sleep(0)      # the batch is dropped on the next loop iteration
@@ -235,7 +254,8 @@ async def test_a_finished_batch_leaves_no_cyclic_garbage():
 async def test_all_engines_dead_fails_waiters_at_once():
     engines = [SimulatedEngine(ttft=0.01, die_after=1)]
     async with Harness(make_config(), engines) as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow, generate=True), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow, generate=True),
+                                 batch_type="train")
         with pytest.raises(EngineDeadError, match="all 1 rollout engines are dead"):
             await asyncio.wait_for(coord.finalize_train_batch(0, timeout=60), 5)
 
@@ -245,14 +265,16 @@ async def test_shutdown_with_work_in_flight_then_prepare_again():
     coord = RolloutCoordinator(make_config(), [engine])
     await coord.prepare()
     await coord.prepare()                 # idempotent
-    await coord.submit_batch(batch_id=0, tasks=tasks(3, AsyncWorkflow, generate=True), batch_type="train")
+    await coord.submit_batch(batch_id=0, tasks=tasks(3, AsyncWorkflow, generate=True),
+                             batch_type="train")
     await wait_until(lambda: engine.num_unfinished_requests == 3)
     await coord.shutdown()
     await coord.shutdown()                # idempotent
     assert engine.num_unfinished_requests == 0 and coord.pending_batches == {}
     engine.hang_rate = 0.0
     await coord.prepare()
-    await coord.submit_batch(batch_id=0, tasks=tasks(2, AsyncWorkflow, generate=True), batch_type="train")
+    await coord.submit_batch(batch_id=0, tasks=tasks(2, AsyncWorkflow, generate=True),
+                             batch_type="train")
     assert (await coord.finalize_train_batch(0))["finished_task_count"] == 2
     await coord.shutdown()
 
@@ -316,7 +338,7 @@ class _BadResult(Workflow):
 
 @pytest.mark.parametrize("spoil,message", [
     ("reward", "reward must be a number or None, got str"),
-    ("tokens", "Experience.tokens must hold"),
+    ("tokens", "experience 0: Experience.tokens must be 1-D"),
     ("prompt_length", "prompt_length 1000000000000000000000000000000 is outside 0..4"),
     ("metric_key", "metric key 1 (int) is not a str"),
 ])
@@ -405,7 +427,7 @@ class _MutatesItsTask(Workflow):
     """Changes its rollout_args and raw_task, then fails on its first attempt."""
 
     is_async = True
-    seen: list = []
+    seen: ClassVar[list[tuple[object, ...]]] = []
 
     async def run_async(self):
         task = self.task
@@ -519,5 +541,6 @@ async def test_update_weights_needs_engines_that_can():
         update_weights = None
 
     async with Harness(make_config(), [NoUpdates()]) as coord:
-        with pytest.raises(TypeError, match=r"rollout engine 0 \(NoUpdates\) has no update_weights"):
+        with pytest.raises(TypeError,
+                           match=r"rollout engine 0 \(NoUpdates\) has no update_weights"):
             await coord.update_weights("checkpoint")

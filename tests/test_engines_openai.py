@@ -16,7 +16,7 @@ from aiohttp import web
 
 from fastrollout import EngineDeadError, EngineError, GenerationConfig
 from fastrollout.engines import ModelClient, OpenAIEngine
-from tinymodel import engine_env, tiny_model  # noqa: F401
+from tinymodel import engine_env
 
 pytestmark = pytest.mark.vllm
 
@@ -93,7 +93,7 @@ async def test_generate_returns_token_ids_and_logprobs(server, tiny_model):
     finally:
         await engine.shutdown()
     assert len(outs) == 3
-    for c, d in zip(outs, again):
+    for c, d in zip(outs, again, strict=True):
         assert c.finish_reason == "length" and len(c.token_ids) == 12 == len(c.logprobs)
         assert c.token_ids.dtype == np.int32 and c.logprobs.dtype == np.float32
         assert (c.logprobs <= 0).all() and engine.decode(c.token_ids).startswith(c.text)
@@ -127,7 +127,8 @@ async def test_abort_cancels_the_http_request_and_the_server_drops_it(server, ti
             task = asyncio.ensure_future(engine.generate(
                 engine.encode("Numbers:"), GenerationConfig(n=2, max_tokens=1000), request_id=rid))
             deadline = time.monotonic() + 10
-            while (not task.done() and time.monotonic() < deadline
+            # The server is another process: its /metrics can only be polled.
+            while (not task.done() and time.monotonic() < deadline  # noqa: ASYNC110
                    and await asyncio.to_thread(_running_requests, server) < 1):
                 await asyncio.sleep(0.05)
             if not task.done():
@@ -139,7 +140,8 @@ async def test_abort_cancels_the_http_request_and_the_server_drops_it(server, ti
         outs = await task
         assert [c.finish_reason for c in outs] == ["abort", "abort"]
         deadline = time.monotonic() + 10
-        while await asyncio.to_thread(_running_requests, server) and time.monotonic() < deadline:
+        while (await asyncio.to_thread(_running_requests, server)  # noqa: ASYNC110 (polled)
+               and time.monotonic() < deadline):
             await asyncio.sleep(0.2)
         assert await asyncio.to_thread(_running_requests, server) == 0
     finally:
@@ -195,7 +197,7 @@ async def test_malformed_replies_are_reported(tiny_model):
         params = GenerationConfig(max_tokens=2)
         with pytest.raises(EngineError, match="reply is not JSON"):
             await engine.generate([1], params, request_id="a")
-        with pytest.raises(EngineError, match="malformed reply to b.*no token ids"):
+        with pytest.raises(EngineError, match=r"malformed reply to b.*no token ids"):
             await engine.generate([1], params, request_id="b")
         with pytest.raises(EngineError, match="expected 1 choices, got 0"):
             await engine.generate([1], params, request_id="c")

@@ -20,9 +20,10 @@ async def test_zero_latency_is_deterministic_and_never_suspends():
     with pytest.raises(StopIteration) as done:      # finished without yielding to the loop
         coro.send(None)
     first = done.value.value
-    again = await SimulatedEngine().generate([1, 2, 3], GenerationConfig(n=3, seed=7), request_id="b")
+    again = await SimulatedEngine().generate([1, 2, 3], GenerationConfig(n=3, seed=7),
+                                             request_id="b")
     assert len(first) == 3
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         assert a.token_ids.dtype == np.int32 and a.logprobs.dtype == np.float32
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
         np.testing.assert_array_equal(a.logprobs, b.logprobs)
@@ -48,15 +49,16 @@ async def test_length_distributions(tmp_path):
     got = [len(c.token_ids) for c in await eng.generate([1], GenerationConfig(n=4), request_id="r")]
     assert got == [3, 5, 7, 3]
     eng = SimulatedEngine(output_len=OutputLength.uniform(4, 6))
-    got = {len(c.token_ids) for c in await eng.generate([1], GenerationConfig(n=64), request_id="u")}
-    assert got == {4, 5, 6}
+    outs = await eng.generate([1], GenerationConfig(n=64), request_id="u")
+    assert {len(c.token_ids) for c in outs} == {4, 5, 6}
     eng = SimulatedEngine(output_len=OutputLength.lognormal(median=50, sigma=0.5))
-    got = [len(c.token_ids) for c in await eng.generate([1], GenerationConfig(n=400), request_id="l")]
+    outs = await eng.generate([1], GenerationConfig(n=400), request_id="l")
+    got = [len(c.token_ids) for c in outs]
     assert 35 < np.median(got) < 70 and min(got) >= 1
     (tmp_path / "lines.txt").write_text("2\n9\n")
     assert OutputLength.replay(tmp_path / "lines.txt").lengths == (2, 9)
     (tmp_path / "bad.txt").write_text("2 x")
-    with pytest.raises(ValueError, match="bad.txt"):
+    with pytest.raises(ValueError, match=r"bad\.txt"):
         OutputLength.replay(tmp_path / "bad.txt")
 
 
@@ -65,7 +67,8 @@ async def test_latency_model_takes_ttft_plus_tpot_per_token():
     loop = asyncio.get_running_loop()
     start = loop.time()
     out = await engine.generate([1], P, request_id="a")
-    assert loop.time() - start >= 0.02 + 0.010 - 1e-3     # lower bound only: timers never fire early
+    # A lower bound only: timers never fire early.
+    assert loop.time() - start >= 0.02 + 0.010 - 1e-3
     assert len(out[0].token_ids) == 11 and out[0].finish_reason == "stop"
     assert engine.num_unfinished_requests == 0
 
@@ -110,8 +113,8 @@ async def test_cancelling_generate_frees_the_request_and_its_capacity():
 
 async def test_error_rate_raises_engine_error():
     engine = SimulatedEngine(error_rate=0.5, seed=3)
-    results = await asyncio.gather(*(engine.generate([1], P, request_id=str(i)) for i in range(200)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(engine.generate([1], P, request_id=str(i)) for i in range(200)), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     assert 60 < len(errors) < 140
     assert all(type(e) is EngineError and "injected" in str(e) for e in errors)

@@ -14,10 +14,16 @@ import signal
 import numpy as np
 import pytest
 
-from fastrollout import (Config, EngineDeadError, GenerationConfig, RolloutCoordinator, Task,
-                         Workflow)
+from fastrollout import (
+    Config,
+    EngineDeadError,
+    GenerationConfig,
+    RolloutCoordinator,
+    Task,
+    Workflow,
+)
 from fastrollout.engines import ModelClient, VLLMEngine
-from tinymodel import BackgroundLoop, engine_env, perturb_weights, tiny_model  # noqa: F401
+from tinymodel import BackgroundLoop, engine_env, perturb_weights
 
 pytestmark = pytest.mark.vllm
 
@@ -77,7 +83,7 @@ def test_n_samples_carry_float32_logprobs_summing_to_the_cumulative(bg, engines)
     assert len({tuple(c.token_ids) for c in outs}) > 1          # distinct samples
     again = bg.run(engine.generate(prompt, GenerationConfig(n=4, max_tokens=24, seed=3),
                                    request_id="n4-again"))
-    for a, b in zip(outs, again):                               # per-request seeds reproduce
+    for a, b in zip(outs, again, strict=True):                  # per-request seeds reproduce
         np.testing.assert_array_equal(a.token_ids, b.token_ids)
 
 
@@ -174,7 +180,8 @@ class ChatWorkflow(Workflow):
     is_async = True
 
     async def run_async(self):
-        exps = await self.model.chat_async([{"role": "user", "content": self.task.raw_task["prompt"]}])
+        messages = [{"role": "user", "content": self.task.raw_task["prompt"]}]
+        exps = await self.model.chat_async(messages)
         for exp in exps:
             exp.metrics = {"accuracy": 1.0}
         return exps
@@ -200,12 +207,14 @@ def test_coordinator_drives_two_engines_through_train_and_eval_batches(bg, engin
         await coord.prepare()
         try:
             before = {id(e): e.llm.get_num_unfinished_requests() for e in engines}
-            await coord.submit_batch(batch_id=1, tasks=_tasks(16, GenerateWorkflow), batch_type="train")
+            await coord.submit_batch(batch_id=1, tasks=_tasks(16, GenerateWorkflow),
+                                     batch_type="train")
             train = await coord.finalize_train_batch(1)
             first = coord.take_experiences(1)
             versions = [e.model_version for e in engines]
             await asyncio.gather(*(e.update_weights(trained) for e in engines))
-            await coord.submit_batch(batch_id=2, tasks=_tasks(8, GenerateWorkflow), batch_type="train")
+            await coord.submit_batch(batch_id=2, tasks=_tasks(8, GenerateWorkflow),
+                                     batch_type="train")
             await coord.submit_batch(batch_id="2/eval", tasks=_tasks(4, ChatWorkflow, is_eval=True),
                                      batch_type="eval")
             evaluation = await coord.finalize_eval_batch("2/eval")

@@ -1,9 +1,11 @@
 """The native task ledger (native/ledger.pyx)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import pathlib
+import pickle
 import random
 import shutil
 import subprocess
@@ -11,9 +13,6 @@ import sys
 import time
 import tracemalloc
 import zipfile
-
-import dataclasses
-import pickle
 
 import numpy as np
 import pytest
@@ -23,9 +22,18 @@ from hypothesis import strategies as st
 from benchmarks.bench_ledger import DictTaskLedger
 from fastrollout import Status
 from fastrollout._native import ledger
-from fastrollout._native.ledger import (BATCH_TASK_FIELDS, STATE_NAMES, TASK_DONE, TASK_FAILED,
-                                        TASK_FREE, TASK_PENDING, TASK_RUNNING, BatchProgress,
-                                        StatusError, TaskLedger)
+from fastrollout._native.ledger import (
+    BATCH_TASK_FIELDS,
+    STATE_NAMES,
+    TASK_DONE,
+    TASK_FAILED,
+    TASK_FREE,
+    TASK_PENDING,
+    TASK_RUNNING,
+    BatchProgress,
+    StatusError,
+    TaskLedger,
+)
 from fastrollout.errors import FastRolloutError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -99,7 +107,8 @@ def test_transition(state, op):
 def test_illegal_transition_message_names_both_states():
     table = TaskLedger()
     slot = table.add_task(table.add_batch(), 1)
-    with pytest.raises(StatusError, match=rf"^task slot {slot} \(batch 0\): illegal transition PENDING -> FREE$"):
+    with pytest.raises(StatusError, match=rf"^task slot {slot} \(batch 0\): "
+                                          r"illegal transition PENDING -> FREE$"):
         table.release(slot)
 
 
@@ -262,7 +271,8 @@ def test_columns_are_live_zero_copy_and_read_only():
     assert cols["state"][slot] == TASK_RUNNING and cols["attempts"][slot] == 1
     with pytest.raises(ValueError, match="read-only"):
         cols["state"][slot] = TASK_DONE
-    for field in ("batch", "state", "completed_runs", "total_runs", "attempts", "start_ns", "end_ns"):
+    for field in ("batch", "state", "completed_runs", "total_runs", "attempts", "start_ns",
+                  "end_ns"):
         assert field in cols.dtype.names
 
 
@@ -400,10 +410,10 @@ def _workload(table, rounds):
         table.start(slot)
         table.finish_subtask(slot, 1, 0)
         table.state(slot), table.runs(slot), table.batch_counts(bslot), table.task_batch(slot)
-        for bad in (lambda: table.release(slot), lambda: table.start(10**9),
-                    lambda: table.finish_subtask(slot, 5, 5)):
+        for bad, args in ((table.release, (slot,)), (table.start, (10**9,)),
+                          (table.finish_subtask, (slot, 5, 5))):
             try:
-                bad()
+                bad(*args)
             except (StatusError, ValueError):
                 pass
         if i % 2:
@@ -501,8 +511,9 @@ def test_debug_build(tmp_path):
     assert probe.returncode == 0, probe.stdout + probe.stderr
     assert probe.stdout.strip().startswith(str(site))
     suite = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not debug_build",
-         str(pathlib.Path(__file__))], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         "-k", "not debug_build", str(pathlib.Path(__file__))],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert suite.returncode == 0, suite.stdout[-4000:] + suite.stderr[-4000:]
 
 
@@ -513,7 +524,8 @@ def test_final_status_is_a_frozen_status_from_the_row():
     table.finish_subtask(slot, 2, 0)
     task_metrics = {"time/task_execution": 1.0}
     status = table.final_status(slot, Status, task_metrics, "boom")
-    assert status == Status(2, 4, [task_metrics], "2/4 runs completed successfully. First error: boom")
+    message = "2/4 runs completed successfully. First error: boom"
+    assert status == Status(2, 4, [task_metrics], message)
     assert type(status) is Status and not status.ok and status.metrics[0] is task_metrics
     # a batch's statuses are not walked by the GC (nothing in them can form a cycle)
     assert not gc.is_tracked(status) and not gc.is_tracked(status.metrics)

@@ -9,7 +9,6 @@ import pytest
 
 from fastrollout import EngineError, GenerationConfig
 from fastrollout.engines import ModelClient, SimulatedEngine
-
 from loopticks import LoopTicks
 
 
@@ -23,7 +22,7 @@ async def test_generate_builds_experiences_with_prompt_and_response():
     client = _client(engine, n=2, max_tokens=10, seed=1)
     exps = await client.generate_async(["hi", "there"])
     assert len(exps) == 4
-    for exp, prompt in zip(exps, ["hi", "hi", "there", "there"]):
+    for exp, prompt in zip(exps, ["hi", "hi", "there", "there"], strict=True):
         ids = engine.encode(prompt)
         assert exp.prompt_length == len(ids) and exp.prompt_text == prompt
         np.testing.assert_array_equal(exp.tokens[:exp.prompt_length], ids)

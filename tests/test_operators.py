@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastrollout import Config, EID, Experience, ExperienceBatch
-from fastrollout.config import (DynamicFilterConfig, GRPOConfig, LengthFilterConfig,
-                                RewardFilterConfig, StalenessFilterConfig)
+from fastrollout import EID, Config, Experience, ExperienceBatch
+from fastrollout.config import (
+    DynamicFilterConfig,
+    GRPOConfig,
+    LengthFilterConfig,
+    RewardFilterConfig,
+    StalenessFilterConfig,
+)
 from fastrollout.operators import run_operators, take
 from fastrollout.pipeline import ExperiencePipeline
 
@@ -115,5 +120,5 @@ def test_operator_configs_are_checked_with_their_path():
 
 def test_grpo_needs_rewards():
     exps = [Experience(tokens=[1, 2, 3], prompt_length=1, eid=EID(task=0, run=i)) for i in range(2)]
-    with pytest.raises(ValueError, match="grpo: experience 0 .* has no reward"):
+    with pytest.raises(ValueError, match=r"grpo: experience 0 .* has no reward"):
         run_operators(ExperienceBatch.from_experiences(exps), [GRPOConfig()], None)

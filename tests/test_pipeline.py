@@ -56,7 +56,7 @@ async def test_discard_sink_counts_without_keeping():
     p = pipeline(sink="discard")
     p.stage(1, exps(3))
     assert (await p.commit(1))["experience_pipeline/experience_count"] == 3.0
-    with pytest.raises(RuntimeError, match="pipeline.sink is 'discard'"):
+    with pytest.raises(RuntimeError, match=r"pipeline\.sink is 'discard'"):
         p.take(1)
 
 

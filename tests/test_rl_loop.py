@@ -8,7 +8,7 @@ import gc
 import pytest
 
 from fastrollout.examples.rl_loop import rl_loop
-from tinymodel import engine_env, tiny_model  # noqa: F401
+from tinymodel import engine_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -2,7 +2,6 @@
 workflows, and what a workflow's result must be for its task to succeed."""
 from __future__ import annotations
 
-import asyncio
 import pathlib
 import subprocess
 import sys
@@ -10,13 +9,16 @@ import types
 
 import pytest
 
-from fastrollout import EngineDeadError, Task, Workflow
+from fastrollout import Workflow
 from fastrollout.engines import SimulatedEngine
-
 from harness import Harness, make_config, tasks
-from loopticks import LoopTicks
-from workflows import (CALLS, AsyncWorkflow, RepeatWorkflow, ResettableWorkflow, StubbornWorkflow,
-                       SyncWorkflow)
+from workflows import (
+    CALLS,
+    AsyncWorkflow,
+    RepeatWorkflow,
+    ResettableWorkflow,
+    SyncWorkflow,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +56,8 @@ async def test_concurrent_modes(mode, workflow):
         assert result["finished_task_count"] == 3
         assert result["metrics"]["rollout/score/mean"] == 1.0
         exps = coord.take_experiences(0).to_experiences()
-        assert sorted((e.eid.task, e.eid.run) for e in exps) == [(t, r) for t in range(3) for r in range(3)]
+        ids = sorted((e.eid.task, e.eid.run) for e in exps)
+        assert ids == [(t, r) for t in range(3) for r in range(3)]
         assert all(e.info["model_version"] == 0 and e.info["use_count"] == 0 for e in exps)
 
 
@@ -73,7 +76,7 @@ async def test_a_workflow_returning_nonsense_fails_its_task_not_the_coordinator(
     # Reading the experiences (their metrics, ids) is part of the run: a workflow that returns
     # something else fails its own task, with the error in the status; the batch finishes.
     if workflow == "sequential":
-        class workflow(_ReturnsNonsense):   # noqa: N801 -- one run per repeat
+        class workflow(_ReturnsNonsense):
             can_repeat = False
     async with Harness(make_config(max_retry_times=1), [SimulatedEngine()]) as coord:
         await coord.submit_batch(batch_id=0, tasks=tasks(3, workflow, repeat=2)

@@ -2,19 +2,18 @@
 engine death, dynamic timeouts, and the ledger's view of a batch's progress."""
 from __future__ import annotations
 
-import asyncio
-import types
-
 import pytest
 
-from fastrollout import EngineDeadError, RolloutCoordinator, Task, Workflow
+from fastrollout import RolloutCoordinator
 from fastrollout.engines import SimulatedEngine
 from fastrollout.scheduler import batch_priority
-
 from harness import Harness, make_config, tasks
 from loopticks import LoopTicks
-from workflows import (CALLS, AsyncWorkflow, RepeatWorkflow, ResettableWorkflow, StubbornWorkflow,
-                       SyncWorkflow)
+from workflows import (
+    CALLS,
+    AsyncWorkflow,
+    RepeatWorkflow,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +23,8 @@ def _fresh_call_counts():
 
 def test_batch_priority_matches_trinity_order():
     ids = ["zeta", 2, "1/eval", 1, "10/x", "2/gsm8k", 10, "alpha"]
-    assert sorted(ids, key=batch_priority) == [1, "1/eval", 2, "2/gsm8k", 10, "10/x", "alpha", "zeta"]
+    expected = [1, "1/eval", 2, "2/gsm8k", 10, "10/x", "alpha", "zeta"]
+    assert sorted(ids, key=batch_priority) == expected
 
 
 async def test_batch_priority_order():
@@ -40,10 +40,13 @@ async def test_batch_priority_order():
     await coord.prepare()
     try:
         # The single slot is busy while the three batches are queued.
-        await coord.submit_batch(batch_id=0, tasks=tasks(1, AsyncWorkflow, sleep=0.05), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(1, AsyncWorkflow, sleep=0.05),
+                                 batch_type="train")
         await coord.submit_batch(batch_id=2, tasks=tasks(2, Recording), batch_type="train")
-        await coord.submit_batch(batch_id="1/eval", tasks=tasks(1, Recording, is_eval=True), batch_type="eval")
-        await coord.submit_batch(batch_id="other", tasks=tasks(1, Recording, is_eval=True), batch_type="eval")
+        await coord.submit_batch(batch_id="1/eval", tasks=tasks(1, Recording, is_eval=True),
+                                 batch_type="eval")
+        await coord.submit_batch(batch_id="other", tasks=tasks(1, Recording, is_eval=True),
+                                 batch_type="eval")
         await coord.submit_batch(batch_id=1, tasks=tasks(2, Recording), batch_type="train")
         for b in (0, 1, 2):
             await coord.finalize_train_batch(b)
@@ -76,7 +79,8 @@ async def test_workflows_that_never_suspend_do_not_hold_the_loop():
 
 async def test_repeat_splitting_gives_unique_run_ids():
     async with Harness(make_config(max_repeat_times_per_runner=3)) as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(2, RepeatWorkflow, repeat=8), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(2, RepeatWorkflow, repeat=8),
+                                 batch_type="train")
         state = coord.pending_batches[0]
         result = await coord.finalize_train_batch(0)
         assert result["finished_task_count"] == 2
@@ -93,7 +97,8 @@ async def test_repeat_splitting_gives_unique_run_ids():
 async def test_engine_death_moves_work_to_live_engines():
     engines = [SimulatedEngine(die_after=2), SimulatedEngine()]
     async with Harness(make_config(runner_per_model=2), engines) as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(12, AsyncWorkflow, generate=True), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(12, AsyncWorkflow, generate=True),
+                                 batch_type="train")
         state = coord.pending_batches[0]
         result = await coord.finalize_train_batch(0)
         assert result["finished_task_count"] == 12
@@ -105,15 +110,18 @@ async def test_dynamic_timeout_fails_slow_tasks_after_warmup():
     config = make_config(max_timeout=5.0, dynamic_timeout={"enable": True, "ratio": 3.0,
                                                            "warmup_min_steps": 1})
     async with Harness(config) as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow, sleep=0.02), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(4, AsyncWorkflow, sleep=0.02),
+                                 batch_type="train")
         await coord.finalize_train_batch(0)
         # Eval tasks do not feed the mean, however slow they are.
-        await coord.submit_batch(batch_id="0/e", tasks=tasks(2, AsyncWorkflow, sleep=0.3, is_eval=True),
+        await coord.submit_batch(batch_id="0/e",
+                                 tasks=tasks(2, AsyncWorkflow, sleep=0.3, is_eval=True),
                                  batch_type="eval")
         ev_state = coord.pending_batches["0/e"]
         await coord.finalize_eval_batch("0/e")
         assert all(s.ok for s in ev_state.statuses.values())   # and are not subject to it
-        await coord.submit_batch(batch_id=1, tasks=tasks(2, AsyncWorkflow, sleep=1.0), batch_type="train")
+        await coord.submit_batch(batch_id=1, tasks=tasks(2, AsyncWorkflow, sleep=1.0),
+                                 batch_type="train")
         state = coord.pending_batches[1]
         await coord.finalize_train_batch(1)
         assert not any(s.ok for s in state.statuses.values())

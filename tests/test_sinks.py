@@ -17,8 +17,14 @@ import numpy as np
 import pytest
 
 from fastrollout import Experience
-from fastrollout.errors import (ConfigError, LogCorruptError, LogLockedError, PayloadError,
-                               PipelineFullError, SinkClosedError)
+from fastrollout.errors import (
+    ConfigError,
+    LogCorruptError,
+    LogLockedError,
+    PayloadError,
+    PipelineFullError,
+    SinkClosedError,
+)
 from fastrollout.experience import ExperienceBatch
 from fastrollout.sinks import DurableLogReader, DurableLogSink, LogRecord, MemorySink, StreamSink
 from fastrollout.sinks.durable import HEADER

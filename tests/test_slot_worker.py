@@ -6,18 +6,20 @@ import asyncio
 import pathlib
 import subprocess
 import sys
-import types
+from typing import ClassVar
 
 import pytest
 
-from fastrollout import EngineDeadError, RolloutCoordinator, Task, Workflow
+from fastrollout import RolloutCoordinator, Workflow
 from fastrollout.engines import SimulatedEngine
 from fastrollout.slot_worker import AttemptTimer
-
 from harness import Harness, make_config, tasks, wait_until
-from loopticks import LoopTicks
-from workflows import (CALLS, AsyncWorkflow, RepeatWorkflow, ResettableWorkflow, StubbornWorkflow,
-                       SyncWorkflow)
+from workflows import (
+    CALLS,
+    AsyncWorkflow,
+    StubbornWorkflow,
+    SyncWorkflow,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +180,7 @@ class _LeavesRequest(Workflow):
     """Returns while a request it started is still in flight (the runner must abort it)."""
 
     is_async = True
-    started: list = []
+    started: ClassVar[list[asyncio.Future[object]]] = []
 
     async def run_async(self):
         self.started.append(asyncio.ensure_future(self.model.generate_async(["hi"])))
@@ -210,7 +212,8 @@ async def test_a_failing_clean_up_abort_is_logged_and_the_task_keeps_its_result(
 async def test_timed_out_run_aborts_its_engine_request():
     engine = SimulatedEngine(hang_rate=1.0)
     async with Harness(make_config(max_timeout=0.05), [engine]) as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(2, AsyncWorkflow, generate=True), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(2, AsyncWorkflow, generate=True),
+                                 batch_type="train")
         state = coord.pending_batches[0]
         await coord.finalize_train_batch(0, timeout=5)
         assert not any(s.ok for s in state.statuses.values())
@@ -220,7 +223,8 @@ async def test_timed_out_run_aborts_its_engine_request():
 async def test_abort_aborts_engine_requests_of_sync_workflows():
     engine = SimulatedEngine(hang_rate=1.0)
     async with Harness(make_config(), [engine]) as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(3, SyncWorkflow, generate=True), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(3, SyncWorkflow, generate=True),
+                                 batch_type="train")
         await wait_until(lambda: engine.num_unfinished_requests == 3)
         await coord.abort_batch(0, reason="x")
         assert engine.num_unfinished_requests == 0
@@ -228,8 +232,8 @@ async def test_abort_aborts_engine_requests_of_sync_workflows():
 
 async def test_sync_run_past_its_timeout_is_detached_and_its_slot_freed():
     async with Harness(make_config(runner_per_model=1, max_timeout=0.05)) as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(1, SyncWorkflow, sleep=0.5) + tasks(2, SyncWorkflow),
-                                 batch_type="train")
+        work = tasks(1, SyncWorkflow, sleep=0.5) + tasks(2, SyncWorkflow)
+        await coord.submit_batch(batch_id=0, tasks=work, batch_type="train")
         state = coord.pending_batches[0]
         result = await coord.finalize_train_batch(0, timeout=0.4)
         assert result["finished_task_count"] == 3
@@ -241,7 +245,8 @@ async def test_workflow_ignoring_cancellation_is_detached_not_waited_on(monkeypa
     import fastrollout.coordinator as mod
     monkeypatch.setattr(mod, "CANCEL_GRACE", 0.05)
     async with Harness() as coord:
-        await coord.submit_batch(batch_id=0, tasks=tasks(1, StubbornWorkflow, linger=0.3), batch_type="train")
+        await coord.submit_batch(batch_id=0, tasks=tasks(1, StubbornWorkflow, linger=0.3),
+                                 batch_type="train")
         await asyncio.sleep(0.01)
         await coord.abort_batch(0, reason="x")
         assert coord.detached_tasks == 1

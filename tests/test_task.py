@@ -63,5 +63,6 @@ def test_attempt_view_keeps_subclasses_and_their_fields():
 
 
 def test_a_task_without_generation_config_cannot_start():
-    with pytest.raises(TypeError, match="Task.rollout_args must be a GenerationConfig, got NoneType"):
+    with pytest.raises(TypeError,
+                       match=r"Task\.rollout_args must be a GenerationConfig, got NoneType"):
         attempt_view(Task(workflow=object, rollout_args=None), 0, 0, 1)

@@ -390,7 +390,8 @@ def test_config_built_in_python_is_validated(tmp_path):
     (":ScoreWorkflow", "workflow: ':ScoreWorkflow' is not of the form 'module:Class'"),
     ("fastrollout.demo:NoSuch", "workflow: cannot import 'fastrollout.demo:NoSuch'"),
     ("no_such_module_xyz:W", "workflow: cannot import"),
-    ("fastrollout.demo:default_config", "not a Workflow subclass"),
+    ("fastrollout.config:Config", "'fastrollout.config:Config' is not a Workflow subclass"),
+    ("fastrollout.config:Config.default", "not a Workflow subclass"),
 ])
 def test_workflow_must_name_a_workflow_class(tmp_path, workflow, match):
     path = write_jsonl(tmp_path / "t.jsonl", ROWS)

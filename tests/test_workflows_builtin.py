@@ -36,7 +36,6 @@ from fastrollout.workflows import (
 )
 from fastrollout.workflows import verifier as verifier_module
 from harness import Harness, make_config
-from tinymodel import tiny_model  # noqa: F401
 from workflows import SyncWorkflow
 
 
@@ -610,7 +609,7 @@ class HFScriptedEngine(HFTokenizerMixin, ScriptedEngine):
         self.eos = self._tokenizer.eos_token_id
 
 
-async def test_multi_turn_with_a_hugging_face_chat_template(tiny_model):  # noqa: F811
+async def test_multi_turn_with_a_hugging_face_chat_template(tiny_model):
     pytest.importorskip("transformers")
     engine = HFScriptedEngine(tiny_model, lambda prompt, i: "I guess 50")
     async with Harness(make_config(), [engine]) as coord:

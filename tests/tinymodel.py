@@ -1,5 +1,6 @@
 """Test fixtures around the tiny model (``fastrollout.tinymodel`` builds it): a session-wide
-model folder, a background event loop for vLLM engines, and the engines' environment."""
+model folder (``conftest.py`` offers it to every test module), a background event loop for
+vLLM engines, and the engines' environment."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from fastrollout.tinymodel import build_tiny_model, perturb_weights  # noqa: F40
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """Session-wide tiny model folder (import this fixture into a test module to use it)."""
+    """Session-wide tiny model folder."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 

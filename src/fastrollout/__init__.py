@@ -38,15 +38,39 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
+# For type checkers and editors; `X as X` marks each name as re-exported.
 if TYPE_CHECKING:
-    from .config import (Config, DynamicTimeoutConfig, ExplorerConfig, MonitorConfig,
-                         OverRolloutConfig, PipelineConfig, WeightSyncConfig)
-    from .coordinator import BatchLifecycleState, BatchProgress, BatchState, RolloutCoordinator
-    from .engines import Completion, InferenceModel, ModelClient
-    from .errors import (ConfigError, EngineDeadError, EngineError, FastRolloutError,
-                         LogCorruptError, LogLockedError, PayloadError, PayloadHeaderError,
-                         PipelineFullError, SinkClosedError, StatusError, TasksetError,
-                         UnsafePickleError)
-    from .experience import EID, Experience, ExperienceBatch
-    from .task import GenerationConfig, Status, Task
-    from .workflow import Workflow
+    from .config import Config as Config
+    from .config import DynamicTimeoutConfig as DynamicTimeoutConfig
+    from .config import ExplorerConfig as ExplorerConfig
+    from .config import MonitorConfig as MonitorConfig
+    from .config import OverRolloutConfig as OverRolloutConfig
+    from .config import PipelineConfig as PipelineConfig
+    from .config import WeightSyncConfig as WeightSyncConfig
+    from .coordinator import BatchLifecycleState as BatchLifecycleState
+    from .coordinator import BatchProgress as BatchProgress
+    from .coordinator import BatchState as BatchState
+    from .coordinator import RolloutCoordinator as RolloutCoordinator
+    from .engines import Completion as Completion
+    from .engines import InferenceModel as InferenceModel
+    from .engines import ModelClient as ModelClient
+    from .errors import ConfigError as ConfigError
+    from .errors import EngineDeadError as EngineDeadError
+    from .errors import EngineError as EngineError
+    from .errors import FastRolloutError as FastRolloutError
+    from .errors import LogCorruptError as LogCorruptError
+    from .errors import LogLockedError as LogLockedError
+    from .errors import PayloadError as PayloadError
+    from .errors import PayloadHeaderError as PayloadHeaderError
+    from .errors import PipelineFullError as PipelineFullError
+    from .errors import SinkClosedError as SinkClosedError
+    from .errors import StatusError as StatusError
+    from .errors import TasksetError as TasksetError
+    from .errors import UnsafePickleError as UnsafePickleError
+    from .experience import EID as EID
+    from .experience import Experience as Experience
+    from .experience import ExperienceBatch as ExperienceBatch
+    from .task import GenerationConfig as GenerationConfig
+    from .task import Status as Status
+    from .task import Task as Task
+    from .workflow import Workflow as Workflow

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import tomllib
-from typing import Annotated, Any, Literal, Union
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect as mi
 import yaml
 
 from .errors import ConfigError
@@ -23,7 +26,8 @@ NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class OverRolloutConfig(msgspec.Struct, **_Struct):
-    """Finalize a train batch once ``(1 - ratio)`` of its tasks are done (Trinity's over-rollout)."""
+    """Finalize a train batch once ``(1 - ratio)`` of its tasks are done (Trinity's
+    over-rollout)."""
 
     ratio: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.0
     """Fraction of a batch's tasks finalize may leave unfinished (the explorer turns it into
@@ -35,7 +39,8 @@ class OverRolloutConfig(msgspec.Struct, **_Struct):
 
 
 class DynamicTimeoutConfig(msgspec.Struct, **_Struct):
-    """Per-attempt timeout from observed task times: ``min(max_timeout, mean train time * ratio)``."""
+    """Per-attempt timeout from observed task times:
+    ``min(max_timeout, mean train time * ratio)``."""
 
     enable: bool = False
     ratio: Annotated[float, msgspec.Meta(gt=0)] = 3.0
@@ -99,8 +104,8 @@ class StalenessFilterConfig(msgspec.Struct, tag="staleness_filter", **_Operator)
     """Keep experiences sampled fewer than this many versions before the current weights."""
 
 
-OperatorConfig = Union[GRPOConfig, DynamicFilterConfig, RewardFilterConfig, LengthFilterConfig,
-                       StalenessFilterConfig]
+OperatorConfig = (GRPOConfig | DynamicFilterConfig | RewardFilterConfig | LengthFilterConfig
+                  | StalenessFilterConfig)
 
 
 class PipelineConfig(msgspec.Struct, **_Struct):
@@ -203,7 +208,8 @@ class Config(msgspec.Struct, **_Struct):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dicts, the inverse of ``from_dict``."""
-        return msgspec.to_builtins(self)
+        data: dict[str, Any] = msgspec.to_builtins(self)
+        return data
 
     def validate(self) -> Config:
         """Check a Config built in Python (constructors do not validate); returns ``self``."""
@@ -223,8 +229,7 @@ def _read_attrs(obj: Any, struct: type[msgspec.Struct]) -> dict[str, Any]:
         if value is _MISSING:
             continue
         sub = _struct_type(field.type)
-        nested = sub is not None and value is not None
-        out[field.name] = _read_attrs(value, sub) if nested else value
+        out[field.name] = value if sub is None or value is None else _read_attrs(value, sub)
     return out
 
 
@@ -236,32 +241,65 @@ def _struct_type(tp: Any) -> type[msgspec.Struct] | None:
 
 
 def _config_error(exc: msgspec.ValidationError, data: Any) -> ConfigError:
-    """Turn msgspec's "... - at `$.a.b`" into "a.b: ..." with the offending value or the known keys."""
+    """Turn msgspec's "... - at `$.a[0].b`" into "a[0].b: ..." with the offending value or the
+    known keys."""
     message, _, where = str(exc).partition(" - at `$")
-    parts = [p for p in where.rstrip("`").split(".") if p]
+    path = where.rstrip("`").lstrip(".")
+    keys = _path_keys(path)
     if message.startswith("Object contains unknown field `"):
-        key = message.split("`")[1]
-        struct = _struct_at(parts)
+        key = f"{path}.{message.split('`')[1]}" if path else message.split("`")[1]
+        struct = _struct_at(keys, data)
+        if struct is None:
+            return ConfigError(f"{key}: unknown key")
         known = ", ".join(f.name for f in msgspec.structs.fields(struct))
-        return ConfigError(f"{'.'.join([*parts, key])}: unknown key (known keys: {known})")
-    value = _value_at(data, parts)
+        return ConfigError(f"{key}: unknown key (known keys: {known})")
+    value = _value_at(data, keys)
     shown = "" if value is _MISSING else f" (value: {_show(value)})"
-    return ConfigError(f"{'.'.join(parts) or '<top level>'}: {message[0].lower()}{message[1:]}{shown}")
+    return ConfigError(f"{path or '<top level>'}: {message[0].lower()}{message[1:]}{shown}")
 
 
-def _struct_at(parts: list[str]) -> type[msgspec.Struct]:
-    struct: type[msgspec.Struct] = Config
-    for name in parts:
-        field = next(f for f in msgspec.structs.fields(struct) if f.name == name)
-        struct = _struct_type(field.type)
-    return struct
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
-def _value_at(data: Any, parts: list[str]) -> Any:
-    for name in parts:
-        if not isinstance(data, dict) or name not in data:
+def _path_keys(path: str) -> list[str | int]:
+    """msgspec's path ``a.b[0].c`` as the keys and list indices ``["a", "b", 0, "c"]``."""
+    return [int(index) if index else name for name, index in _PATH_PART.findall(path)]
+
+
+def _struct_at(keys: list[str | int], data: Any) -> type[msgspec.Struct] | None:
+    """The Struct class that read the object at ``keys`` of ``data`` (None if not one)."""
+    info: mi.Type | None = mi.type_info(Config)
+    for key in keys:
+        data = _value_at(data, [key])
+        if isinstance(key, int):
+            info = info.item_type if isinstance(info, mi.ListType) else None
+        elif isinstance(info, mi.StructType):
+            info = next((f.type for f in info.fields if f.name == key), None)
+        else:
+            info = None
+        info = _member(info, data)
+    return info.cls if isinstance(info, mi.StructType) else None
+
+
+def _member(info: mi.Type | None, data: Any) -> mi.Type | None:
+    """The Struct of the union ``info`` that reads ``data`` (by its tag), else ``info``."""
+    if isinstance(info, mi.UnionType):
+        for member in info.types:
+            if isinstance(member, mi.StructType) and (
+                    member.tag_field is None
+                    or (isinstance(data, dict) and data.get(member.tag_field) == member.tag)):
+                return member
+    return info
+
+
+def _value_at(data: Any, keys: list[str | int]) -> Any:
+    for key in keys:
+        if isinstance(key, int):
+            if not isinstance(data, list) or key >= len(data):
+                return _MISSING
+        elif not isinstance(data, dict) or key not in data:
             return _MISSING
-        data = data[name]
+        data = data[key]
     return data
 
 
@@ -270,7 +308,8 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-_PARSERS = {
+# Parsers by file suffix; each takes the file's bytes.
+_PARSERS: dict[str, Callable[[bytes], Any]] = {
     ".yaml": yaml.safe_load,
     ".yml": yaml.safe_load,
     ".toml": lambda raw: tomllib.loads(raw.decode("utf-8")),

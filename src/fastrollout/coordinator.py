@@ -14,14 +14,16 @@ import logging
 import math
 import operator
 import os
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._native.ledger import BatchProgress
+# `as`: re-exported (``fastrollout.BatchProgress`` is read from this module).
+from ._native.ledger import BatchProgress as BatchProgress
+from ._native.tally import MetricTally
 from .config import Config
 from .experience import decode_payloads
-from .metrics import MetricTally
 from .pipeline import ExperiencePipeline
 from .runner import Runner
 from .scheduler import BatchRun, Scheduler, TaskRecord
@@ -44,6 +46,8 @@ OFF_LOOP_BYTES = 1 << 20
 
 BatchId = int | str
 
+_NOT_PREPARED = "RolloutCoordinator is not prepared: await coordinator.prepare() first"
+
 
 class BatchLifecycleState(str, Enum):
     PENDING = "pending"
@@ -63,12 +67,13 @@ class BatchState:
     statuses: dict[int | str, Status] = field(default_factory=dict)
     min_wait_num: int | None = None
     state: BatchLifecycleState = BatchLifecycleState.PENDING
-    final_result: dict | None = None
+    final_result: dict[str, Any] | None = None
     finalize_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Wake-up of a waiting finalize: set when statuses reach _target, or on abort/fatal error.
     _wake: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _target: int | None = field(default=None, repr=False)
-    _run: BatchRun | None = field(default=None, repr=False)
+    # Set by submit_batch right after construction (its callback needs this state).
+    _run: BatchRun = field(init=False, repr=False)
     # Batch-level metrics kept current as tasks finish, so finalize costs O(keys).
     _tally: MetricTally = field(default_factory=MetricTally, repr=False)
 
@@ -131,7 +136,7 @@ def _check_min_wait_num(min_wait_num: Any) -> int | None:
     return value
 
 
-def _check_tasks(batch_id: BatchId, tasks: list) -> None:
+def _check_tasks(batch_id: BatchId, tasks: Sequence[object]) -> None:
     for i, task in enumerate(tasks):
         repeat = task.repeat_times if type(task) is Task else None
         if type(repeat) is int and 1 <= repeat <= MAX_REPEAT_TIMES:
@@ -201,7 +206,7 @@ class RolloutCoordinator:
             return
         self._prepared = False
         scheduler, self._scheduler = self._scheduler, None
-        waits: list = []
+        waits: list[asyncio.Future[Any]] = []
         for state in list(self.pending_batches.values()):
             try:
                 if scheduler is not None:
@@ -226,7 +231,7 @@ class RolloutCoordinator:
         """The rollout engines' weight version (the newest, should they disagree)."""
         return max(engine.model_version for engine in self.rollout_model)
 
-    async def update_weights(self, checkpoint: str | os.PathLike) -> int:
+    async def update_weights(self, checkpoint: str | os.PathLike[str]) -> int:
         """Load the checkpoint folder ``checkpoint`` into every rollout engine at once and
         return the new ``model_version``. Requests running meanwhile go as
         ``config.weight_sync.mode`` says (``wait``: they finish on the old weights, so no
@@ -234,14 +239,17 @@ class RolloutCoordinator:
         with (``info["model_version"]``) and how far it moved during their attempt
         (``info["model_version_drift"]``)."""
         if not self._prepared:
-            raise RuntimeError("RolloutCoordinator is not prepared: await coordinator.prepare() first")
+            raise RuntimeError(_NOT_PREPARED)
         mode = self.config.weight_sync.mode
+        # Optional in InferenceModel: every engine must have it before any is updated.
+        updates: list[Callable[..., Awaitable[int]]] = []
         for i, engine in enumerate(self.rollout_model):
-            if not callable(getattr(engine, "update_weights", None)):
+            update = getattr(engine, "update_weights", None)
+            if not callable(update):
                 raise TypeError(f"rollout engine {i} ({type(engine).__name__}) has no "
                                 f"update_weights(path, *, mode)")
-        versions = await asyncio.gather(*(engine.update_weights(checkpoint, mode=mode)
-                                          for engine in self.rollout_model))
+            updates.append(update)
+        versions = await asyncio.gather(*(update(checkpoint, mode=mode) for update in updates))
         if len(set(versions)) > 1:
             logger.warning("rollout engines report different weight versions after the update: "
                            "%s", versions)
@@ -281,11 +289,13 @@ class RolloutCoordinator:
             state.state = BatchLifecycleState.RUNNING
             scheduler.submit(state._run, tasks)
 
-    async def finalize_train_batch(self, batch_id: int, *, timeout: float | None = None) -> dict:
+    async def finalize_train_batch(self, batch_id: int, *,
+                                   timeout: float | None = None) -> dict[str, Any]:
         timeout = _check_timeout(timeout)
         return await self._finalize(self._get_batch_state(batch_id, "train"), timeout)
 
-    async def finalize_eval_batch(self, batch_id: str, *, timeout: float | None = None) -> dict:
+    async def finalize_eval_batch(self, batch_id: str, *,
+                                  timeout: float | None = None) -> dict[str, Any]:
         timeout = _check_timeout(timeout)
         return await self._finalize(self._get_batch_state(batch_id, "eval"), timeout)
 
@@ -317,7 +327,7 @@ class RolloutCoordinator:
             raise KeyError(f"Batch {batch_id} is not registered.")
         return scheduler.progress(state._run)
 
-    async def process_experiences(self, payloads: list[bytes]) -> dict:
+    async def process_experiences(self, payloads: list[bytes]) -> dict[str, float]:
         """Decode payloads (ours or Trinity's TRXP) and run them through the pipeline.
         Large payload lists are decoded in a worker thread, off the event loop."""
         pipeline = self._require_pipeline()
@@ -340,7 +350,8 @@ class RolloutCoordinator:
         return self._require_pipeline().take(_check_batch_id(batch_id))
 
     @classmethod
-    def get_actor(cls, config: Config, models: list, auxiliary_models: list | None = None) -> Any:
+    def get_actor(cls, config: Config, models: list[InferenceModel],
+                  auxiliary_models: list[list[InferenceModel]] | None = None) -> Any:
         """This coordinator as a Ray actor, for explorers that already run on Ray."""
         try:
             import ray
@@ -353,7 +364,7 @@ class RolloutCoordinator:
 
     def _require_scheduler(self) -> Scheduler:
         if not self._prepared:
-            raise RuntimeError("RolloutCoordinator is not prepared: await coordinator.prepare() first")
+            raise RuntimeError(_NOT_PREPARED)
         if self._scheduler is None:
             raise RuntimeError("RolloutCoordinator in mode 'serve' runs no scheduler: only "
                                "process_experiences() is available")
@@ -361,7 +372,7 @@ class RolloutCoordinator:
 
     def _require_pipeline(self) -> ExperiencePipeline:
         if not self._prepared:
-            raise RuntimeError("RolloutCoordinator is not prepared: await coordinator.prepare() first")
+            raise RuntimeError(_NOT_PREPARED)
         if self._pipeline is None:
             raise RuntimeError("RolloutCoordinator in mode 'bench' runs no experience pipeline")
         return self._pipeline
@@ -396,7 +407,7 @@ class RolloutCoordinator:
     async def _wait_for(self, state: BatchState, target: int, timeout: float) -> bool:
         """Wait until ``target`` tasks of the batch are booked; False at the timeout.
         Raises EngineDeadError while no engine is alive."""
-        scheduler = self._scheduler
+        scheduler = self._require_scheduler()
         if len(state.statuses) >= target:
             return True
         # The deadline only wakes the waiter (cheaper than asyncio.timeout on the path
@@ -427,7 +438,7 @@ class RolloutCoordinator:
             if timer is not None:
                 timer.cancel()
 
-    async def _finalize(self, state: BatchState, timeout: float | None) -> dict:
+    async def _finalize(self, state: BatchState, timeout: float | None) -> dict[str, Any]:
         async with state.finalize_lock:
             if state.final_result is not None:
                 return dict(state.final_result)
@@ -450,12 +461,13 @@ class RolloutCoordinator:
                 # Nothing is lost: results stay booked for a later finalize or abort.
                 raise TimeoutError(f"Timeout waiting for batch {state.batch_id}.")
             state.state = BatchLifecycleState.FINALIZING
-            waits = []
+            waits: list[asyncio.Future[Any]] = []
             if done < expected:
                 waits = self._close_unfinished(
                     state, keep_partial=explorer.over_rollout.return_partial_tasks)
             elif state.batch_type == "train":
-                self._scheduler.completed_steps += 1   # a full train step (dynamic timeout)
+                # A full train step (dynamic timeout).
+                self._require_scheduler().completed_steps += 1
             try:
                 metrics = await self._commit(state)
             except Exception:
@@ -465,29 +477,32 @@ class RolloutCoordinator:
             await self._settle(waits)
             return result
 
-    def _close_unfinished(self, state: BatchState, *, keep_partial: bool) -> list:
-        return self._scheduler.cancel_batch(state._run, keep_partial=keep_partial)
+    def _close_unfinished(self, state: BatchState, *,
+                          keep_partial: bool) -> list[asyncio.Future[Any]]:
+        return self._require_scheduler().cancel_batch(state._run, keep_partial=keep_partial)
 
-    async def _commit(self, state: BatchState) -> dict:
+    async def _commit(self, state: BatchState) -> dict[str, float]:
         if state.batch_type != "train" or self._pipeline is None:
             return {}
         return await self._pipeline.commit(state.batch_id, self._current_version())
 
-    def _conclude(self, state: BatchState, final: BatchLifecycleState, pipeline_metrics: dict) -> dict:
+    def _conclude(self, state: BatchState, final: BatchLifecycleState,
+                  pipeline_metrics: dict[str, float]) -> dict[str, Any]:
         """Record the result, forget the batch, and wake anyone still waiting on it."""
         result = self._end(state, final, pipeline_metrics)
         if self.pending_batches.get(state.batch_id) is state:
             del self.pending_batches[state.batch_id]
-        self._scheduler.release_batch(state._run)
+        self._require_scheduler().release_batch(state._run)
         return result
 
-    def _end(self, state: BatchState, final: BatchLifecycleState, pipeline_metrics: dict) -> dict:
+    def _end(self, state: BatchState, final: BatchLifecycleState,
+             pipeline_metrics: dict[str, float]) -> dict[str, Any]:
         state.state = final
         state.final_result = self._result(state, pipeline_metrics)
         state._wake.set()
         return dict(state.final_result)
 
-    def _result(self, state: BatchState, pipeline_metrics: dict) -> dict:
+    def _result(self, state: BatchState, pipeline_metrics: dict[str, float]) -> dict[str, Any]:
         metrics = dict(pipeline_metrics)
         count = state.completed_task_count
         if state.batch_type == "train":
@@ -502,7 +517,7 @@ class RolloutCoordinator:
         return {"batch_id": state.batch_id, "batch_type": state.batch_type,
                 "finished_task_count": count, "metrics": metrics}
 
-    async def _settle(self, waits: list) -> None:
+    async def _settle(self, waits: list[asyncio.Future[Any]]) -> None:
         """Give cancelled work a bounded time to unwind; what is left is detached."""
         if not waits:
             return

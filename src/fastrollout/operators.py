@@ -24,10 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from .config import (DynamicFilterConfig, GRPOConfig, LengthFilterConfig, OperatorConfig,
-                     RewardFilterConfig, StalenessFilterConfig)
+from .config import (
+    DynamicFilterConfig,
+    GRPOConfig,
+    LengthFilterConfig,
+    OperatorConfig,
+    RewardFilterConfig,
+    StalenessFilterConfig,
+)
 from .experience import ArrayColumn, ExperienceBatch
 from .metrics import aggregate_metrics
+
 
 def take(batch: ExperienceBatch, index: np.ndarray) -> ExperienceBatch:
     """The rows ``index`` (int positions) of ``batch``, in that order, without copying array
@@ -103,7 +110,7 @@ def grpo(batch: ExperienceBatch, config: GRPOConfig, **_: Any) -> tuple[Experien
     batch.columns["advantages"] = column
     batch.columns["returns"] = ArrayColumn.from_offsets(values, offsets)
     per_group = [{"reward_mean": float(m), "reward_std": float(s)}
-                 for m, s in zip(means.tolist(), std.tolist())]
+                 for m, s in zip(means.tolist(), std.tolist(), strict=True)]
     return batch, aggregate_metrics(per_group)
 
 

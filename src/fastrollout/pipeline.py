@@ -20,8 +20,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .experience import ExperienceBatch
-from .operators import (VersionSpan, item_versions, merge_versions, run_operators,
-                        version_metrics)
+from .operators import VersionSpan, item_versions, merge_versions, run_operators, version_metrics
 from .sinks import MemorySink, make_sink
 
 if TYPE_CHECKING:

@@ -14,7 +14,8 @@ import bisect
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ._native.ledger import TASK_DONE, TASK_FAILED, BatchProgress, TaskLedger
 from ._native.tally import single_run_metrics
@@ -28,6 +29,7 @@ from .task import Status, Task
 if TYPE_CHECKING:
     from .config import ExplorerConfig
     from .engines.base import InferenceModel
+    from .experience import Experience
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,9 @@ class TaskRecord:
         self.batch = batch
         # Eval tasks keep no experiences, get max_timeout and do not feed the dynamic one.
         self.is_eval = batch.is_eval or source.is_eval
-        self.metrics: list[dict] | tuple = ()     # lists only once there is something in them
-        self.experiences: list | tuple = ()
+        # Lists only once there is something in them.
+        self.metrics: list[dict[str, Any]] | tuple[()] = ()
+        self.experiences: list[Experience] | tuple[()] = ()
         self.first_error: str | None = None
         self.versions: VersionSpan = None   # weight versions its experiences were sampled with
 

@@ -33,14 +33,14 @@ class Task:
     workflow: type[Workflow]
     repeat_times: int = 1
     rollout_args: GenerationConfig = field(default_factory=GenerationConfig)
-    workflow_args: dict = field(default_factory=dict)
-    reward_fn_args: dict = field(default_factory=dict)
+    workflow_args: dict[str, Any] = field(default_factory=dict)
+    reward_fn_args: dict[str, Any] = field(default_factory=dict)
     reward_fn: type | None = None
-    raw_task: dict = field(default_factory=dict)
+    raw_task: dict[str, Any] = field(default_factory=dict)
     is_eval: bool = False
     batch_id: int | str = ""
     task_id: int | str = ""
-    index: dict = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _STOP = object()
 
@@ -44,8 +45,8 @@ class WorkerPool:
             if self._idle:
                 self._idle -= 1
             else:
-                thread = threading.Thread(target=self._work, name=f"{self._name}-{len(self._threads)}",
-                                          daemon=True)
+                thread = threading.Thread(target=self._work,
+                                          name=f"{self._name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()
         self._jobs.put((fn, loop, fut))

@@ -75,7 +75,6 @@ def perturb_weights(src: str | os.PathLike, dst: str | os.PathLike, *, seed: int
     """Copy the checkpoint at ``src`` to ``dst`` with a different lm_head (a 'trained' model)."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     src, dst = Path(src), Path(dst)
@@ -89,8 +88,11 @@ def perturb_weights(src: str | os.PathLike, dst: str | os.PathLike, *, seed: int
 def cached_tiny_model(cache: str | os.PathLike | None = None) -> Path:
     """The tiny model in ``cache`` (default: ``$XDG_CACHE_HOME/fastrollout/tiny-llama``), built
     on first use. A half-built folder (no ``.complete`` marker) is rebuilt."""
-    root = Path(cache) if cache is not None else \
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastrollout" / "tiny-llama"
+    if cache is not None:
+        root = Path(cache)
+    else:
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        root = cache_home / "fastrollout" / "tiny-llama"
     if not (root / ".complete").exists():
         build_tiny_model(root)
         (root / ".complete").touch()

@@ -40,7 +40,9 @@ class Workflow:
         self.run_id_base = run_id_base
 
     def run(self) -> list[Experience]:
-        raise TypeError(f"{type(self).__name__} must implement run() (or run_async() with is_async = True)")
+        raise TypeError(f"{type(self).__name__} must implement run() (or run_async() with "
+                        f"is_async = True)")
 
     async def run_async(self) -> list[Experience]:
-        raise TypeError(f"{type(self).__name__} must implement run_async() (or run() with is_async = False)")
+        raise TypeError(f"{type(self).__name__} must implement run_async() (or run() with "
+                        f"is_async = False)")

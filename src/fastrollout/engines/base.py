@@ -45,20 +45,31 @@ class InferenceModel(Protocol):
 
     def decode(self, token_ids: list[int] | np.ndarray) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]: ...
 
     @property
     def is_dead(self) -> bool: ...
+
+
+class _Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer that ``HFTokenizerMixin`` calls."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], *,
+                            add_generation_prompt: bool, tokenize: bool) -> Any: ...
 
 
 class HFTokenizerMixin:
     """``encode`` / ``decode`` / ``apply_chat_template`` for engines that load a Hugging Face
     tokenizer into ``self._tokenizer`` during ``prepare()`` and are named by ``self.name``."""
 
-    _tokenizer: Any = None
+    _tokenizer: _Tokenizer | None = None
     name: str
 
-    def _tok(self) -> Any:
+    def _tok(self) -> _Tokenizer:
         if self._tokenizer is None:
             raise EngineError(f"{self.name}: tokenizer not loaded; call prepare() first")
         return self._tokenizer
@@ -69,7 +80,7 @@ class HFTokenizerMixin:
     def decode(self, token_ids: list[int] | np.ndarray) -> str:
         return self._tok().decode(list(map(int, token_ids)))
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         out = self._tok().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         # Newer transformers return a BatchEncoding (a mapping) instead of a list of ids.
         return list(out["input_ids"] if hasattr(out, "keys") else out)

@@ -9,7 +9,8 @@ the event loop with ``run_coroutine_threadsafe`` so they never block it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from .base import Completion, InferenceModel
 # Trinity's value for a response cut off by the length limit.
 RESPONSE_TRUNCATED = "response_truncated"
 _NONE_IN_FLIGHT: frozenset[str] = frozenset()
+_T = TypeVar("_T")
 
 
 class ModelClient:
@@ -30,7 +32,8 @@ class ModelClient:
                  "_closed")
 
     def __init__(self, engine: InferenceModel, loop: asyncio.AbstractEventLoop,
-                 rollout_args: GenerationConfig, request_prefix: str | tuple) -> None:
+                 rollout_args: GenerationConfig, request_prefix: str | tuple[object, ...]
+                 ) -> None:
         """``request_prefix``: a str, or a tuple of parts joined with "/" when first needed.
         (Positional arguments: the runner makes a client per attempt, and a class call with
         keywords costs nearly twice one without in CPython 3.11.)"""
@@ -39,7 +42,8 @@ class ModelClient:
         self.rollout_args = rollout_args
         self._prefix = request_prefix
         self._counter = 0
-        self._inflight: set[str] = _NONE_IN_FLIGHT     # a set of its own from the first request
+        # The shared empty frozenset until the first request gives it a set of its own.
+        self._inflight: set[str] | frozenset[str] = _NONE_IN_FLIGHT
         self._closed = False
 
     # -- async API (on the loop) -------------------------------------------------------------
@@ -52,7 +56,7 @@ class ModelClient:
         encode = self.engine.encode
         return await self._run_all([(encode(p), p) for p in prompts], params)
 
-    async def chat_async(self, messages: list[dict], **gen: Any) -> list[Experience]:
+    async def chat_async(self, messages: list[dict[str, Any]], **gen: Any) -> list[Experience]:
         """Sample ``n`` replies to a conversation, using the engine's chat template."""
         params = self._params(gen)
         ids = self.engine.apply_chat_template(messages)
@@ -82,8 +86,9 @@ class ModelClient:
     @property
     def request_prefix(self) -> str:
         prefix = self._prefix
-        if type(prefix) is tuple:
-            prefix = self._prefix = "/".join(map(str, prefix))
+        if isinstance(prefix, str):
+            return prefix
+        prefix = self._prefix = "/".join(map(str, prefix))
         return prefix
 
     def inflight_request_ids(self) -> list[str]:
@@ -106,14 +111,14 @@ class ModelClient:
     def generate(self, prompts: list[str], **gen: Any) -> list[Experience]:
         return self._bridge(self.generate_async(prompts, **gen), "generate")
 
-    def chat(self, messages: list[dict], **gen: Any) -> list[Experience]:
+    def chat(self, messages: list[dict[str, Any]], **gen: Any) -> list[Experience]:
         return self._bridge(self.chat_async(messages, **gen), "chat")
 
     def generate_tokens(self, prompt_token_ids: list[int], **gen: Any) -> list[Completion]:
         return self._bridge(self.generate_tokens_async(prompt_token_ids, **gen),
                             "generate_tokens")
 
-    def _bridge(self, coro: Coroutine, name: str) -> Any:
+    def _bridge(self, coro: Coroutine[Any, Any, _T], name: str) -> _T:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -138,7 +143,7 @@ class ModelClient:
             raise EngineError(f"ModelClient {self.request_prefix!r} is closed (its task attempt "
                               f"ended or was aborted); no further requests are accepted")
 
-    def _params(self, gen: dict) -> GenerationConfig:
+    def _params(self, gen: dict[str, Any]) -> GenerationConfig:
         self._check_open()
         try:
             return self.rollout_args.merged(**gen)
@@ -171,13 +176,14 @@ class ModelClient:
         self._check_open()    # gathered prompts start later: abort_all may have run since
         self._counter += 1
         rid = f"{self.request_prefix}-{self._counter}"
-        if self._inflight is _NONE_IN_FLIGHT:
-            self._inflight = set()
-        self._inflight.add(rid)
+        inflight = self._inflight
+        if isinstance(inflight, frozenset):     # the shared empty one
+            inflight = self._inflight = set()
+        inflight.add(rid)
         try:
             return await self.engine.generate(ids, params, request_id=rid)
         finally:
-            self._inflight.discard(rid)
+            inflight.discard(rid)
 
 
 def _experience(prompt: np.ndarray, prompt_text: str, c: Completion) -> Experience:

@@ -37,14 +37,14 @@ class OpenAIEngine(HFTokenizerMixin):
         self.name = f"OpenAIEngine {self.base_url}"
         self.model_version = 0
         self._tokenizer_src = tokenizer if tokenizer is not None else model
-        self._tokenizer: Any = None if isinstance(self._tokenizer_src, str) else self._tokenizer_src
+        self._tokenizer = None if isinstance(self._tokenizer_src, str) else self._tokenizer_src
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._max_connections = max_connections
         self._timeout = request_timeout
         self._dead_after = dead_after
         self._failures = 0
         self._session: Any = None
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, asyncio.Task[Any]] = {}
         self._aborted: set[str] = set()
         self._dead: str | None = None
 
@@ -143,7 +143,7 @@ class OpenAIEngine(HFTokenizerMixin):
                 raise EngineDeadError(f"OpenAIEngine {url}: server {self._dead} [{what}]") from exc
             raise EngineError(f"OpenAIEngine {url}: cannot reach the server ({exc}) "
                               f"[{what}]") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise EngineError(f"OpenAIEngine {url}: no reply within {self._timeout} s "
                               f"[{what}]") from exc
         self._failures = 0
@@ -167,7 +167,7 @@ class OpenAIEngine(HFTokenizerMixin):
         return out
 
     @staticmethod
-    def _choice(c: dict) -> Completion:
+    def _choice(c: dict[str, Any]) -> Completion:
         lp = c.get("logprobs") or {}
         ids = c.get("token_ids")
         if ids is None:

@@ -15,8 +15,9 @@ import json
 import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from .base import Completion
 
 _POOL = 1 << 16                    # precomputed tokens/logprobs; requests read windows of it
 _PRINTABLE = np.arange(32, 127, dtype=np.int32)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class OutputLength:
         return cls("lognormal", median=median, sigma=sigma)
 
     @classmethod
-    def replay(cls, path: str | os.PathLike) -> OutputLength:
+    def replay(cls, path: str | os.PathLike[str]) -> OutputLength:
         """Lengths from a file: a JSON list, or one integer per line."""
         with open(path) as f:
             text = f.read()
@@ -82,9 +84,9 @@ def _positive(n: int, what: str) -> int:
 class _Request:
     __slots__ = ("done", "admit", "timer", "start", "seqs", "hang", "longest")
 
-    def __init__(self, done: asyncio.Future, hang: bool) -> None:
+    def __init__(self, done: asyncio.Future[str], hang: bool) -> None:
         self.done = done          # result "finish" | "abort"; an exception when the engine dies
-        self.admit: asyncio.Future | None = None   # set while queued for capacity
+        self.admit: asyncio.Future[bool] | None = None   # set while queued for capacity
         self.timer: asyncio.TimerHandle | None = None
         self.start: float | None = None            # when decoding started
         self.seqs = 0             # capacity units held
@@ -117,7 +119,8 @@ class SimulatedEngine:
                 raise ValueError(f"SimulatedEngine: {name} must be in [0, 1], got {rate}")
         self.model_version = 0
         self.ttft, self.tpot = float(ttft), float(tpot)
-        self.output_len = OutputLength.fixed(output_len) if isinstance(output_len, int) else output_len
+        self.output_len = (OutputLength.fixed(output_len) if isinstance(output_len, int)
+                           else output_len)
         self.capacity = capacity
         self.error_rate, self.hang_rate, self.die_after = error_rate, hang_rate, die_after
         self.requests_received = 0
@@ -134,7 +137,9 @@ class SimulatedEngine:
         self._timed = ttft > 0 or tpot > 0 or capacity is not None or hang_rate > 0
         self._inflight: dict[str, _Request] = {}
         self._running_seqs = 0
-        self._waiting: collections.deque[tuple[_Request, int]] = collections.deque()
+        # Requests queued for capacity, with their admit future and sequences.
+        self._waiting: collections.deque[tuple[_Request, asyncio.Future[bool], int]]
+        self._waiting = collections.deque()
         self._dead: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -169,14 +174,15 @@ class SimulatedEngine:
                 req.timer.cancel()
             for fut in (req.admit, req.done):
                 if fut is not None and not fut.done():
-                    fut.set_exception(EngineDeadError(f"SimulatedEngine {reason}: request {rid} lost"))
+                    fut.set_exception(EngineDeadError(f"SimulatedEngine {reason}: request "
+                                                      f"{rid} lost"))
         self._waiting.clear()
 
     @property
     def num_unfinished_requests(self) -> int:
         return len(self._inflight)
 
-    async def update_weights(self, path: str | os.PathLike | None = None, *,
+    async def update_weights(self, path: str | os.PathLike[str] | None = None, *,
                              mode: str = "wait") -> int:
         """Pretend to load new weights: bumps and returns ``model_version`` (``mode`` as
         VLLMEngine's; nothing here can straddle two versions)."""
@@ -250,9 +256,9 @@ class SimulatedEngine:
         try:
             seqs = min(params.n, self.capacity) if self.capacity else params.n
             if self.capacity and (self._waiting or self._running_seqs + seqs > self.capacity):
-                req.admit = loop.create_future()     # _release() starts it when it fits
-                self._waiting.append((req, seqs))
-                outcome = await req.done if await req.admit else "abort"
+                admit = req.admit = loop.create_future()  # _release() starts it when it fits
+                self._waiting.append((req, admit, seqs))
+                outcome = await req.done if await admit else "abort"
             else:
                 self._start(req, seqs, loop)
                 outcome = await req.done
@@ -291,16 +297,19 @@ class SimulatedEngine:
             req.admit.cancel()
         self._running_seqs -= req.seqs
         req.seqs = 0
+        capacity = self.capacity
+        if capacity is None:    # only an engine with a capacity queues requests
+            return
         # Admit waiters in FIFO order while they fit; skip those that already left.
         while self._waiting:
-            nxt, seqs = self._waiting[0]
-            if nxt.admit.done():
+            nxt, admit, seqs = self._waiting[0]
+            if admit.done():
                 self._waiting.popleft()
                 continue
-            if self._running_seqs + seqs > self.capacity:
+            if self._running_seqs + seqs > capacity:
                 break
             self._waiting.popleft()
-            nxt.admit.set_result(True)
+            admit.set_result(True)
             self._start(nxt, seqs, asyncio.get_running_loop())
 
     async def abort(self, request_ids: list[str]) -> None:
@@ -322,11 +331,11 @@ class SimulatedEngine:
     def decode(self, token_ids: Sequence[int] | np.ndarray) -> str:
         return bytes(np.asarray(token_ids, dtype=np.uint8)).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         text = "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
         return self.encode(text)
 
 
-def _resolve(fut: asyncio.Future, value: Any) -> None:
+def _resolve(fut: asyncio.Future[_T], value: _T) -> None:
     if not fut.done():
         fut.set_result(value)

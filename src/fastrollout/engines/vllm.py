@@ -33,7 +33,7 @@ _ENV_LOCK = threading.Lock()
 
 def _is_cpu_build() -> bool:
     from vllm.platforms import current_platform
-    return current_platform.is_cpu()
+    return bool(current_platform.is_cpu())
 
 
 class VLLMEngine(HFTokenizerMixin):
@@ -44,21 +44,21 @@ class VLLMEngine(HFTokenizerMixin):
     after construction). The engine starts in ``prepare()``.
     """
 
-    def __init__(self, model: str | os.PathLike, *, env: dict[str, str] | None = None,
+    def __init__(self, model: str | os.PathLike[str], *, env: dict[str, str] | None = None,
                  name: str = "vllm", **engine_args: Any) -> None:
         self.name = name
         self.model_version = 0
         self._engine_args = {"model": str(model), **engine_args}
         self._env = dict(env or {})
         self._llm: Any = None
-        self._tokenizer: Any = None
+        self._tokenizer = None
         self._dead = False
         self._shut = False
         self._start_lock = asyncio.Lock()
         self._update_lock = asyncio.Lock()
 
     @classmethod
-    def launch(cls, model: str | os.PathLike, *, gpus: int | list[int] | None = None,
+    def launch(cls, model: str | os.PathLike[str], *, gpus: int | list[int] | None = None,
                tensor_parallel_size: int = 1, cpu_engines: int = 1,
                env: dict[str, str] | None = None, **engine_args: Any) -> list[VLLMEngine]:
         """One engine per group of ``tensor_parallel_size`` GPUs (not started yet).
@@ -128,8 +128,9 @@ class VLLMEngine(HFTokenizerMixin):
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
-        tokenizer = AutoTokenizer.from_pretrained(args.get("tokenizer") or args["model"],
-                                                  trust_remote_code=args.get("trust_remote_code", False))
+        tokenizer = AutoTokenizer.from_pretrained(
+            args.get("tokenizer") or args["model"],
+            trust_remote_code=args.get("trust_remote_code", False))
         return llm, tokenizer
 
     async def shutdown(self) -> None:
@@ -202,7 +203,7 @@ class VLLMEngine(HFTokenizerMixin):
         if request_ids and self._llm is not None and not self.is_dead:
             await self._llm.abort(list(request_ids))
 
-    async def update_weights(self, path: str | os.PathLike, *, mode: str = "wait") -> int:
+    async def update_weights(self, path: str | os.PathLike[str], *, mode: str = "wait") -> int:
         """Load new weights from a checkpoint folder; returns the new ``model_version``.
 
         Generation pauses (``mode`` is vLLM's: "wait" lets running requests finish,
@@ -230,8 +231,10 @@ def _completion(c: Any) -> Completion:
     tokens = np.asarray(c.token_ids, dtype=np.int32)
     logprobs = None
     if c.logprobs is not None:
-        # Each entry maps token id -> Logprob; index by the sampled token (top-k may be larger).
-        logprobs = np.fromiter((d[t].logprob for t, d in zip(c.token_ids, c.logprobs)),
+        # One entry per sampled token, mapping token id -> Logprob; index by the sampled token
+        # (top-k may be larger).
+        logprobs = np.fromiter((d[t].logprob
+                                for t, d in zip(c.token_ids, c.logprobs, strict=True)),
                                dtype=np.float32, count=len(c.token_ids))
     return Completion(token_ids=tokens, logprobs=logprobs, finish_reason=c.finish_reason or "abort",
                       text=c.text, cumulative_logprob=c.cumulative_logprob)

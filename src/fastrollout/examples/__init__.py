@@ -1,1 +1,2 @@
-"""Runnable examples of fastrollout in a whole RL loop (``python -m fastrollout.examples.rl_loop``)."""
+"""Runnable examples of fastrollout in a whole RL loop
+(``python -m fastrollout.examples.rl_loop``)."""

@@ -38,7 +38,6 @@ class PolicyGradientTrainer:
         """One optimizer step on ``batch`` (its ``advantages`` column set by the ``grpo``
         operator). Returns the loss and the mean log-prob of the response tokens before the
         step, under the trainer's weights."""
-        import torch
 
         if batch.column("advantages") is None:
             raise ValueError("PolicyGradientTrainer.step needs advantages: add the 'grpo' "

@@ -33,11 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from ..errors import (ConfigError, LogCorruptError, LogLockedError, PayloadError,
-                      SinkClosedError)
+from ..errors import ConfigError, LogCorruptError, LogLockedError, PayloadError, SinkClosedError
 from ..experience import ExperienceBatch, decode_experiences, encode_experiences
 from .base import BatchId, _positive, count
-
 
 MAGIC = b"FRLG"
 VERSION = 1

@@ -143,8 +143,8 @@ class StreamSink:
                 fut.set_result(None)
 
     def _wake_writers(self) -> None:
-        for count, fut in self._rooms:
-            if not fut.done() and (self._closed or self._fits(count)):
+        for rows, fut in self._rooms:
+            if not fut.done() and (self._closed or self._fits(rows)):
                 fut.set_result(None)
 
     async def _read(self, batch_size: int) -> ExperienceBatch:
