@@ -1,4 +1,5 @@
-"""Loads Trinity-RFT 0.6.0's own modules, the reference that tests and benchmarks compare against."""
+"""Loads Trinity-RFT 0.6.0's own modules, the reference that tests and benchmarks compare
+against."""
 from __future__ import annotations
 
 import importlib.util

@@ -20,7 +20,6 @@ from fastrollout.cli import main
 from fastrollout.experience import Experience, encode_experiences
 from fastrollout.job import load_job
 from fastrollout.sinks import DurableLogReader
-from tinymodel import tiny_model  # noqa: F401
 
 CLI = [sys.executable, "-m", "fastrollout.cli"]
 # A simulated job that needs no reward model: the toy workflow of fastrollout.demo.
@@ -48,7 +47,7 @@ def log_batches(run_dir: Path) -> list:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_default_run_on_vllm_fills_its_run_folder(tiny_model, tmp_path):  # noqa: F811
+def test_default_run_on_vllm_fills_its_run_folder(tiny_model, tmp_path):
     # The tiny model the tests built stands in for the cache the default job builds into.
     cache = tmp_path / "cache"
     (cache / "fastrollout").mkdir(parents=True)

@@ -149,8 +149,9 @@ class _Sub(np.ndarray):
 
 # Each input goes through the fast path or the Python as_array; the result must be the same.
 _INPUTS = [
-    *(np.array([1, 0, 1]).astype(dt) for dt in (np.int32, np.int64, np.int16, np.uint8, ">i4", ">i8",
-                                        np.float16, np.float32, np.float64, ">f4", np.bool_)),
+    *(np.array([1, 0, 1]).astype(dt)
+      for dt in (np.int32, np.int64, np.int16, np.uint8, ">i4", ">i8", np.float16, np.float32,
+                 np.float64, ">f4", np.bool_)),
     np.arange(6, dtype=np.int32)[::2], np.arange(3, dtype=np.float32).view(_Sub),
     np.array([], dtype=np.float64), np.array(5, dtype=np.int32), np.zeros((2, 2), np.float32),
     [1, 2], [0.5, 1.5], [True, False], [], [[1]], ["a"], 7,

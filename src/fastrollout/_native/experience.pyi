@@ -27,19 +27,20 @@ class Experience:
     metrics: dict[str, Any]
     response_text: str | None
     prompt_text: str | None
-    messages: list | None
-    tools: list | None
-    chosen_messages: list | None
-    rejected_messages: list | None
+    messages: list[Any] | None
+    tools: list[Any] | None
+    chosen_messages: list[Any] | None
+    rejected_messages: list[Any] | None
 
     def __init__(self, *, tokens: Any, prompt_length: int = 1, logprobs: Any = None,
                  reward: float | None = None, token_level_reward: Any = None,
                  advantages: Any = None, returns: Any = None, action_mask: Any = None,
-                 truncate_status: str | None = None, info: dict | None = None,
-                 metrics: dict | None = None, response_text: str | None = None,
-                 prompt_text: str | None = None, messages: list | None = None,
-                 tools: list | None = None, chosen: Any = None, rejected: Any = None,
-                 chosen_messages: list | None = None, rejected_messages: list | None = None,
+                 truncate_status: str | None = None, info: dict[str, Any] | None = None,
+                 metrics: dict[str, Any] | None = None, response_text: str | None = None,
+                 prompt_text: str | None = None, messages: list[Any] | None = None,
+                 tools: list[Any] | None = None, chosen: Any = None, rejected: Any = None,
+                 chosen_messages: list[Any] | None = None,
+                 rejected_messages: list[Any] | None = None,
                  teacher_logprobs: Any = None, eid: EID | dict[str, Any] | None = None
                  ) -> None: ...
     def to_torch(self) -> dict[str, Any]: ...

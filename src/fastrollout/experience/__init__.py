@@ -27,10 +27,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .batch import ExperienceBatch
-    from .codec import decode_experiences, encode_experiences
-    from .column import ArrayColumn
-    from .dispatch import decode_any, decode_payloads
-    from .eid import EID
-    from .fields import to_torch
-    from .model import Experience
+    from .batch import ExperienceBatch as ExperienceBatch
+    from .codec import decode_experiences as decode_experiences
+    from .codec import encode_experiences as encode_experiences
+    from .column import ArrayColumn as ArrayColumn
+    from .dispatch import decode_any as decode_any
+    from .dispatch import decode_payloads as decode_payloads
+    from .eid import EID as EID
+    from .fields import to_torch as to_torch
+    from .model import Experience as Experience

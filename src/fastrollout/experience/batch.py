@@ -18,7 +18,7 @@ __all__ = ["ArrayColumn", "ExperienceBatch", "WireEID", "WireItem"]
 _ITER_CHUNK = 256
 
 
-class ExperienceBatch(Sequence):
+class ExperienceBatch(Sequence[Experience]):
     """Experiences as columns: ``len``, indexing to ``Experience`` (views), and columns.
 
     ``items`` are ``WireItem`` metadata records (``eid`` with batch/task/run/step/suffix, and
@@ -26,8 +26,9 @@ class ExperienceBatch(Sequence):
 
     __slots__ = ("items", "columns", "rewards", "reward_present", "prompt_lengths")
 
-    def __init__(self, items: list, columns: dict[str, ArrayColumn], rewards: np.ndarray,
-                 reward_present: np.ndarray | None, prompt_lengths: np.ndarray) -> None:
+    def __init__(self, items: list[WireItem], columns: dict[str, ArrayColumn],
+                 rewards: np.ndarray, reward_present: np.ndarray | None,
+                 prompt_lengths: np.ndarray) -> None:
         self.items = items
         self.columns = columns
         self.rewards = rewards                  # float64; NaN where the reward is None
@@ -82,7 +83,8 @@ class ExperienceBatch(Sequence):
         return [getattr(item, name) for item in self.items]
 
     def response_lengths(self) -> np.ndarray:
-        return self.columns["tokens"].lengths() - self.prompt_lengths
+        lengths: np.ndarray = self.columns["tokens"].lengths() - self.prompt_lengths
+        return lengths
 
     @classmethod
     def concat(cls, batches: Sequence[ExperienceBatch]) -> ExperienceBatch:
@@ -152,10 +154,11 @@ class ExperienceBatch(Sequence):
                      for name, col in self.columns.items()
                      if col.dtype.kind == "f" and col.present is None}
         masks = self.columns.get("action_mask")
+        # tokens is set whenever n > 0: every experience has tokens
         for i in range(n):
             p, r = int(plen[i]), int(rlen[i])
             start = p_max - p
-            input_ids[i, start:p_max + r] = tokens[i]
+            input_ids[i, start:p_max + r] = tokens[i]  # type: ignore[index]
             attention[i, start:p_max + r] = True
             mask = masks[i] if masks is not None else None
             if mask is None:
@@ -164,7 +167,7 @@ class ExperienceBatch(Sequence):
                 action[i, :len(mask)] = mask
             for name, arr in resp_cols.items():
                 values = self.columns[name][i]
-                arr[i, :len(values)] = values
+                arr[i, :len(values)] = values  # type: ignore[arg-type]  # present in all
         out["position_ids"] = np.clip(np.cumsum(attention, axis=1) - 1, 0, None)
         out["action_mask"] = action
         out.update(resp_cols)

@@ -7,7 +7,9 @@ Layout (all integers little-endian)::
 The header lists every column with its dtype and the byte offsets (relative to the
 body, each 8-aligned) of its data, of its int64 item offsets (n+1, array columns) and of
 its u8 presence flags (only when some item lacks the field). Decoding validates every
-length and offset against the payload with numpy, then returns views into it.
+length and offset against the payload with numpy, then returns views into it. The header
+is scanned first (``plain_msgpack``) for what msgspec does not bound: nesting depth, map keys
+whose hashes could be made to collide, and extension types.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from .._native.plain_msgpack import check_plain
 from ..errors import PayloadError
 from .batch import ArrayColumn, ExperienceBatch, WireEID, WireItem
 from .model import FIELD_DTYPES, Experience
@@ -47,6 +50,10 @@ class WireHeader(msgspec.Struct, array_like=True, gc=False):
 _SCALARS = {"reward": np.dtype("<f8"), "prompt_length": np.dtype("<i8")}
 _ALLOWED = {name: {d.newbyteorder("<").str for d in spec[1]}
             for name, spec in FIELD_DTYPES.items()}
+# Every dtype a column may have, by name: parsing the name per column costs more.
+_DTYPES = {d: np.dtype(d) for names in [*_ALLOWED.values(), [t.str for t in _SCALARS.values()]]
+           for d in names}
+_U8, _I8 = np.dtype("|u1"), np.dtype("<i8")
 _decoder = msgspec.msgpack.Decoder(WireHeader)
 
 
@@ -65,16 +72,28 @@ def where(index: int | None) -> str:
     return "payload" if index is None else f"payload {index}"
 
 
-# ---------------------------------------------------------------- encode
+# ---------------------------------------------------------------- payload bytes
 
-def read_prefix(payload: Any, prefix: struct.Struct, magic: bytes, version: int,
-                ctx: str) -> tuple[memoryview, tuple]:
-    """``payload`` as a byte view, and the fields of its fixed ``prefix`` after the magic and
-    version (both checked). Shared by the FRXP and TRXP decoders."""
+def owned_view(payload: Any, ctx: str) -> memoryview:
+    """``payload`` as a flat byte view that nobody can change under the batch decoded from
+    it: ``bytes`` (or a view of them) is viewed in place; any other buffer (bytearray,
+    memoryview of one, numpy array, mmap...) is copied once, since its owner could write to
+    it, or resize it, while the batch's arrays still view it."""
     try:
-        view = memoryview(payload).cast("B")
+        view = memoryview(payload)
     except TypeError as exc:
         raise PayloadError(f"{ctx}: expected bytes, got {type(payload).__name__}") from exc
+    if not (isinstance(view.obj, bytes) and view.c_contiguous):
+        view = memoryview(view.tobytes())
+    return view.cast("B")
+
+
+def read_prefix(payload: Any, prefix: struct.Struct, magic: bytes, version: int,
+                ctx: str) -> tuple[memoryview, tuple[Any, ...]]:
+    """``payload`` as an owned byte view (``owned_view``), and the fields of its fixed
+    ``prefix`` after the magic and version (both checked). Shared by the FRXP and TRXP
+    decoders."""
+    view = owned_view(payload, ctx)
     name = magic.decode()
     if len(view) < prefix.size:
         raise PayloadError(f"{ctx}: prefix: {len(view)} bytes is shorter than the "
@@ -87,6 +106,8 @@ def read_prefix(payload: Any, prefix: struct.Struct, magic: bytes, version: int,
                            f"(this build reads {version})")
     return view, fields[2:]
 
+
+# ---------------------------------------------------------------- encode
 
 def encode_experiences(exps: Iterable[Experience] | ExperienceBatch) -> bytes:
     """Serialize experiences (or an ExperienceBatch, without building Experience objects)
@@ -178,7 +199,7 @@ def _column(payload: Any, spec: WireColumn, n: int, body: int, end: int,
     elif spec.dtype not in _ALLOWED[name]:
         raise PayloadError(f"{ctx}: {name}: dtype {spec.dtype!r} is not one of "
                            f"{sorted(_ALLOWED[name])}")
-    dtype = np.dtype(spec.dtype)
+    dtype = _DTYPES[spec.dtype]
     if spec.nbytes < 0 or spec.nbytes % dtype.itemsize:
         raise PayloadError(f"{ctx}: {name}: {spec.nbytes} bytes is not a whole number of "
                            f"{dtype} values")
@@ -188,7 +209,7 @@ def _column(payload: Any, spec: WireColumn, n: int, body: int, end: int,
         raise PayloadError(f"{ctx}: {name}: boolean values other than 0 and 1")
     present = None
     if spec.present != -1:
-        flags = _array(payload, np.dtype(np.uint8), spec.present, n, body, end, ctx,
+        flags = _array(payload, _U8, spec.present, n, body, end, ctx,
                        f"{name} presence flags")
         if n and flags.max() > 1:
             raise PayloadError(f"{ctx}: {name}: presence flags other than 0 and 1")
@@ -198,9 +219,8 @@ def _column(payload: Any, spec: WireColumn, n: int, body: int, end: int,
         if count != n:
             raise PayloadError(f"{ctx}: {name}: {count} values for {n} experiences")
         return data, None, present
-    offsets = _array(payload, np.dtype("<i8"), spec.offsets, n + 1, body, end, ctx,
-                     f"{name} offsets")
-    if offsets[0] != 0 or offsets[-1] != count or (n and (np.diff(offsets) < 0).any()):
+    offsets = _array(payload, _I8, spec.offsets, n + 1, body, end, ctx, f"{name} offsets")
+    if offsets[0] != 0 or offsets[-1] != count or (offsets[1:] < offsets[:-1]).any():
         raise PayloadError(f"{ctx}: {name}: item offsets are not increasing from 0 to {count}")
     if present is not None and (offsets[1:][~present] != offsets[:-1][~present]).any():
         raise PayloadError(f"{ctx}: {name}: an absent item has values")
@@ -209,7 +229,8 @@ def _column(payload: Any, spec: WireColumn, n: int, body: int, end: int,
 
 def decode_experiences(payload: bytes | bytearray | memoryview, *,
                        index: int | None = None) -> ExperienceBatch:
-    """Decode an FRXP payload; array columns are numpy views into ``payload``.
+    """Decode an FRXP payload; array columns are numpy views into ``payload`` when it is
+    ``bytes``, else into one copy of it (see ``owned_view``).
 
     ``index`` (the payload's position in a list) is named in every error."""
     ctx = where(index)
@@ -220,9 +241,11 @@ def decode_experiences(payload: bytes | bytearray | memoryview, *,
     if hlen > end - _PREFIX.size:
         raise PayloadError(f"{ctx}: header: length {hlen} runs past the end of the payload "
                            f"({end} bytes)")
+    raw_header = view[_PREFIX.size:_PREFIX.size + hlen]
     try:
-        header = _decoder.decode(view[_PREFIX.size:_PREFIX.size + hlen])
-    except (ValueError, RecursionError) as exc:  # msgspec errors, bad UTF-8
+        check_plain(raw_header)
+        header = _decoder.decode(raw_header)
+    except ValueError as exc:  # the scan's and msgspec's errors, bad UTF-8
         raise PayloadError(f"{ctx}: {_name_path(str(exc))}: {exc}") from None
     n = header.count
     if n != len(header.items):

@@ -39,7 +39,8 @@ class ArrayColumn:
         return self.data.dtype
 
     def lengths(self) -> np.ndarray:
-        return (self.stops - self.starts).astype(np.int64, copy=False)
+        lengths: np.ndarray = (self.stops - self.starts).astype(np.int64, copy=False)
+        return lengths
 
     def is_contiguous(self) -> bool:
         return len(self.starts) == 0 or bool((self.starts[1:] == self.stops[:-1]).all())
@@ -51,7 +52,7 @@ class ArrayColumn:
         if self.is_contiguous():
             return self.data[self.starts[0]:self.stops[-1]]
         return np.concatenate([self.data[a:b] for a, b in zip(self.starts.tolist(),
-                                                              self.stops.tolist())])
+                                                              self.stops.tolist(), strict=True)])
 
     def offsets(self) -> np.ndarray:
         """int64 offsets (len n+1) of each item in ``flat()``."""
@@ -63,4 +64,5 @@ class ArrayColumn:
         """Views to copy from when concatenating: one per run of contiguous items."""
         if self.is_contiguous():
             return [self.flat()]
-        return [self.data[a:b] for a, b in zip(self.starts.tolist(), self.stops.tolist())]
+        return [self.data[a:b]
+                for a, b in zip(self.starts.tolist(), self.stops.tolist(), strict=True)]

@@ -63,7 +63,7 @@ def as_array(value: Any, name: str) -> np.ndarray:
         return value    # the common case, kept cheap: workflows build many experiences
     tensor = _torch_tensor_type()
     if tensor is not None and isinstance(value, tensor):
-        value = value.detach().cpu()
+        value = value.detach().cpu()  # type: ignore[attr-defined]  # a torch.Tensor
         try:
             value = value.numpy()
         except TypeError:  # bfloat16 and other dtypes numpy lacks
@@ -81,7 +81,7 @@ def as_array(value: Any, name: str) -> np.ndarray:
     return arr
 
 
-def to_torch(array: np.ndarray):
+def to_torch(array: np.ndarray) -> Any:
     """``torch.from_numpy`` without a copy, also for read-only views of an immutable payload.
 
     A tensor over a read-only payload must not be written to; ``.clone()`` it first."""

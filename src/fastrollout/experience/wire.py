@@ -3,6 +3,8 @@
 A leaf module: the compiled packer imports it to build them."""
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 __all__ = ["WireEID", "WireItem"]
@@ -23,12 +25,12 @@ class WireItem(msgspec.Struct, array_like=True, gc=False, omit_defaults=True):
     often unset come last (omitted). Not tracked by the GC (its dicts are)."""
 
     eid: WireEID
-    info: dict = {}
-    metrics: dict = {}
+    info: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
     response_text: str | None = None
     prompt_text: str | None = None
     truncate_status: str | None = None
-    messages: list | None = None
-    tools: list | None = None
-    chosen_messages: list | None = None
-    rejected_messages: list | None = None
+    messages: list[Any] | None = None
+    tools: list[Any] | None = None
+    chosen_messages: list[Any] | None = None
+    rejected_messages: list[Any] | None = None
