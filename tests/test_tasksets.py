@@ -364,7 +364,7 @@ def test_an_empty_json_file_is_invalid_json(tmp_path):
     ({"path": "x", "rollout_args": {"temperature": "hot"}}, r"^rollout_args.temperature: "),
     ({"path": "x", "rollout_args": {"n": 2}}, r"^rollout_args.n: unknown key"),
     ({"path": "x", "prompt": "q"}, r"^prompt: unknown key"),
-    ({}, r"^path: missing \(required\)"),
+    ({}, r"^path: required key is missing"),
     ({"path": "x", "format": "csv"}, r"^format: invalid enum value 'csv'"),
     ({"path": "x", "is_eval": True, "shuffle": True}, r"^shuffle: eval tasksets"),
     ({"path": "x", "is_eval": True, "epochs": 2}, r"^epochs: eval tasksets"),

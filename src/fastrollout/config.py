@@ -178,7 +178,7 @@ class Config(msgspec.Struct, **_Struct):
         try:
             return msgspec.convert(data, cls)
         except msgspec.ValidationError as exc:
-            raise _config_error(exc, data) from None
+            raise config_error(exc, data) from None
 
     @classmethod
     def from_file(cls, path: str | pathlib.Path) -> Config:
@@ -240,24 +240,36 @@ def _struct_type(tp: Any) -> type[msgspec.Struct] | None:
     return tp if isinstance(tp, type) and issubclass(tp, msgspec.Struct) else None
 
 
-def _config_error(exc: msgspec.ValidationError, data: Any) -> ConfigError:
-    """Turn msgspec's "... - at `$.a[0].b`" into "a[0].b: ..." with the offending value or the
-    known keys."""
+def config_error(exc: msgspec.ValidationError, data: Any,
+                 root: type[msgspec.Struct] | None = None) -> ConfigError:
+    """Turn msgspec's "... - at `$.a[0].b`" (from converting ``data`` into ``root``, default
+    ``Config``) into "a[0].b: ..." with the offending value, or the known keys of an unknown
+    one. Every config loader of the package reports its errors through this."""
+    if isinstance(exc.__cause__, ConfigError) and " - at `$" not in str(exc):
+        return exc.__cause__    # raised by a __post_init__ at the top level, names its field
     message, _, where = str(exc).partition(" - at `$")
     path = where.rstrip("`").lstrip(".")
     keys = _path_keys(path)
+    if message.startswith("Object missing required field `"):
+        key = message.split("`")[1]
+        return ConfigError(f"{f'{path}.{key}' if path else key}: required key is missing")
     if message.startswith("Object contains unknown field `"):
         key = f"{path}.{message.split('`')[1]}" if path else message.split("`")[1]
-        struct = _struct_at(keys, data)
+        struct = _struct_at(keys, data, root or Config)
         if struct is None:
             return ConfigError(f"{key}: unknown key")
         known = ", ".join(f.name for f in msgspec.structs.fields(struct))
         return ConfigError(f"{key}: unknown key (known keys: {known})")
-    value = _value_at(data, keys)
-    shown = "" if value is _MISSING else f" (value: {_show(value)})"
+    named = _FIELD_FIRST.match(message)
+    if named:   # raised by a __post_init__ that names its field
+        path = f"{path}.{named[1]}" if path else named[1]
+        message = named[2]
+    value = _value_at(data, _path_keys(path))
+    shown = "" if value is _MISSING or "(value: " in message else f" (value: {_show(value)})"
     return ConfigError(f"{path or '<top level>'}: {message[0].lower()}{message[1:]}{shown}")
 
 
+_FIELD_FIRST = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.S)
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
@@ -266,9 +278,10 @@ def _path_keys(path: str) -> list[str | int]:
     return [int(index) if index else name for name, index in _PATH_PART.findall(path)]
 
 
-def _struct_at(keys: list[str | int], data: Any) -> type[msgspec.Struct] | None:
+def _struct_at(keys: list[str | int], data: Any,
+               root: type[msgspec.Struct]) -> type[msgspec.Struct] | None:
     """The Struct class that read the object at ``keys`` of ``data`` (None if not one)."""
-    info: mi.Type | None = mi.type_info(Config)
+    info: mi.Type | None = mi.type_info(root)
     for key in keys:
         data = _value_at(data, [key])
         if isinstance(key, int):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 import yaml
 
-from .config import _PARSERS, Config
+from .config import _PARSERS, Config, config_error
 from .errors import ConfigError
 from .lengths import LengthSpec, Uniform
 from .tasksets import TasksetConfig
@@ -210,7 +209,7 @@ def load_job(path: str | os.PathLike | None = None, overrides: list[str] = ()) -
     try:
         job = msgspec.convert(data, JobConfig)
     except msgspec.ValidationError as exc:
-        raise ConfigError(where + _message(exc, data)) from None
+        raise ConfigError(f"{where}{config_error(exc, data, JobConfig)}") from None
     try:
         _check(job)
     except ConfigError as exc:
@@ -275,52 +274,6 @@ def _check(job: JobConfig) -> None:
             raise ConfigError(f"eval_tasksets[{i}].name: {taskset.name!r} is used twice")
     if job.taskset.is_eval:
         raise ConfigError("taskset.is_eval: the train taskset must not be an eval one")
-
-
-_FIELD_FIRST = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.S)
-_PATH_PART = re.compile(r"\.?([^.\[]+)|\[(\d+)\]")
-
-
-def _message(exc: msgspec.ValidationError, data: Any) -> str:
-    """msgspec's "Expected `int`, got `str` - at `$.a.b[0]`" as "a.b[0]: expected ...",
-    with the offending value."""
-    message, _, where = str(exc).partition(" - at `$")
-    path = where.rstrip("`").lstrip(".")
-    show_value = True
-    for prefix, problem in (("Object contains unknown field `", "unknown key"),
-                            ("Object missing required field `", "required key is missing")):
-        if message.startswith(prefix):
-            key = message.split("`")[1]
-            path = f"{path}.{key}" if path else key
-            message, show_value = problem, False
-    match = _FIELD_FIRST.match(message)
-    if match:   # raised by a __post_init__ that names its field
-        path = f"{path}.{match[1]}" if path else match[1]
-        message = match[2]
-    value = _value_at(data, path) if show_value and "(value: " not in message else _MISSING
-    shown = "" if value is _MISSING else f" (value: {_show(value)})"
-    return f"{path or '<top level>'}: {message[0].lower()}{message[1:]}{shown}"
-
-
-_MISSING = object()
-
-
-def _value_at(data: Any, path: str) -> Any:
-    for name, index in _PATH_PART.findall(path):
-        if index:
-            if not isinstance(data, list) or int(index) >= len(data):
-                return _MISSING
-            data = data[int(index)]
-        else:
-            if not isinstance(data, dict) or name not in data:
-                return _MISSING
-            data = data[name]
-    return data
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # -- what a job's engines section builds ----------------------------------------------------

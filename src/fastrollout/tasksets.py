@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal, Protocol
 import msgspec
 import numpy as np
 
+from .config import config_error
 from .errors import ConfigError, TasksetError
 from .task import GenerationConfig, Task
 from .workflow import Workflow
@@ -109,7 +110,7 @@ class TasksetConfig(msgspec.Struct, **_Struct):
         try:
             return msgspec.convert(data, cls)
         except msgspec.ValidationError as exc:
-            raise _config_error(exc) from None
+            raise config_error(exc, data, cls) from None
 
     def validate(self) -> TasksetConfig:
         """Check a config built in Python (constructors do not validate); returns ``self``."""
@@ -120,20 +121,6 @@ class TasksetConfig(msgspec.Struct, **_Struct):
                               ) from None
         self.from_dict(data)
         return self
-
-
-def _config_error(exc: msgspec.ValidationError) -> ConfigError:
-    """msgspec's "Expected `int`, got `str` - at `$.epochs`" as "epochs: expected ..."."""
-    if isinstance(exc.__cause__, ConfigError):  # from __post_init__, which names the field
-        return exc.__cause__
-    message, _, where = str(exc).partition(" - at `$")
-    field = where.rstrip("`").lstrip(".")
-    if message.startswith(("Object contains unknown field `", "Object missing required field `")):
-        key = message.split("`")[1]
-        field = f"{field}.{key}" if field else key
-        problem = "unknown key" if "unknown" in message else "missing (required)"
-        return ConfigError(f"{field}: {problem}")
-    return ConfigError(f"{field or '<top level>'}: {message[0].lower()}{message[1:]}")
 
 
 class Taskset:
