@@ -341,6 +341,8 @@ def pack(exps):
 # ---------------------------------------------------------------- what pack takes
 cdef object _EID = EID
 cdef tuple _NUMBERS = (int, float, np.integer, np.floating)
+cdef tuple _INTS = (int, np.integer)
+cdef tuple _EID_WHAT = tuple(f"eid.{name}" for name in _EID_FIELDS)
 
 
 cdef int _bad(Py_ssize_t i, str what, object value, str expected) except -1:
@@ -360,7 +362,7 @@ cdef int _check_int(Py_ssize_t i, str what, object value, bint word) except -1:
     """``value`` is an int (numpy ints too); ``word``: one that fits 64 bits."""
     cdef int overflow = 0
     if type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, bool) or not isinstance(value, _INTS):
             return _bad(i, what, value, "an int")
         value = int(value)
     if word:
@@ -400,8 +402,11 @@ cpdef check(list exps):
             if value is not None and not kept_as_is(value, f):
                 _check_array(i, f, value)
         n_tokens = len(e.tokens)
-        _check_int(i, "prompt_length", e.prompt_length, False)
-        plen = PyLong_AsLongLongAndOverflow(int(e.prompt_length), &overflow)
+        value = e.prompt_length
+        if type(value) is not int:
+            _check_int(i, "prompt_length", value, False)
+            value = int(value)
+        plen = PyLong_AsLongLongAndOverflow(value, &overflow)
         if overflow or not 0 <= plen <= n_tokens:
             raise ValueError(f"experience {i}: prompt_length {e.prompt_length} is outside "
                              f"0..{n_tokens} (the number of tokens)")
@@ -412,25 +417,32 @@ cpdef check(list exps):
         eid = e.eid
         if type(eid) is not _EID and not isinstance(eid, _EID):
             _bad(i, "eid", eid, "an EID")
-        for f in range(2):
+        for f in range(4):
             value = eid_field(eid, f)
-            if type(value) is not str:
-                _check_int(i, f"eid.{_EID_FIELDS[f]}", value, True)
-        _check_int(i, "eid.run", eid_field(eid, 2), True)
-        _check_int(i, "eid.step", eid_field(eid, 3), True)
+            if f < 2 and type(value) is str:
+                continue
+            _check_int(i, _EID_WHAT[f], value, True)
         if type(eid_field(eid, 4)) is not str:
             _bad(i, "eid.suffix", eid_field(eid, 4), "a str")
         if type(e.info) is not dict:
             _bad(i, "info", e.info, "a dict")
         if type(e.metrics) is not dict:
             _bad(i, "metrics", e.metrics, "a dict")
-        _optional(i, "truncate_status", e.truncate_status, str)
-        _optional(i, "response_text", e.response_text, str)
-        _optional(i, "prompt_text", e.prompt_text, str)
-        _optional(i, "messages", e.messages, list)
-        _optional(i, "tools", e.tools, list)
-        _optional(i, "chosen_messages", e.chosen_messages, list)
-        _optional(i, "rejected_messages", e.rejected_messages, list)
+        # Mostly unset: one test each on the way.
+        if e.truncate_status is not None:
+            _optional(i, "truncate_status", e.truncate_status, str)
+        if e.response_text is not None:
+            _optional(i, "response_text", e.response_text, str)
+        if e.prompt_text is not None:
+            _optional(i, "prompt_text", e.prompt_text, str)
+        if e.messages is not None:
+            _optional(i, "messages", e.messages, list)
+        if e.tools is not None:
+            _optional(i, "tools", e.tools, list)
+        if e.chosen_messages is not None:
+            _optional(i, "chosen_messages", e.chosen_messages, list)
+        if e.rejected_messages is not None:
+            _optional(i, "rejected_messages", e.rejected_messages, list)
 
 
 # ---------------------------------------------------------------- columns -> experiences
