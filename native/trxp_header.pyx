@@ -6,7 +6,7 @@ It accepts only what safetensors writes: one object of ``"key": {"dtype": str, "
 field into int64 rows, so the caller validates a whole column with a few numpy ops instead
 of per-key Python work. Every read is checked against the buffer end, integers are
 refused at 2**56 (so later int64 arithmetic cannot overflow), and memory stays
-proportional to the header length. Anything else raises ``HeaderError``.
+proportional to the header length. Anything else raises ``PayloadHeaderError``.
 """
 cimport numpy as cnp
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
@@ -15,43 +15,17 @@ from libc.string cimport memchr, memcmp
 
 import numpy as np
 
-from fastrollout.errors import FastRolloutError
+from fastrollout.errors import PayloadHeaderError
 
 cnp.import_array()
 
+# Integers are refused from here (later int64 arithmetic cannot overflow); the structs,
+# MAX_NAMES and the cdef functions' contracts are in trxp_header.pxd.
 cdef int64_t LIMIT = 1LL << 56
-# Distinct field names / dtype names: a real header has about ten fields and a few dtypes;
-# the cap keeps the linear lookups O(header length).
-cdef enum:
-    MAX_NAMES = 64
-
-
-class HeaderError(FastRolloutError, ValueError):
-    """The bytes are not a safetensors header of the shape safetensors writes."""
-
-
-cdef struct Cursor:
-    const unsigned char* buf
-    Py_ssize_t pos
-    Py_ssize_t n
-
-
-cdef struct Span:
-    Py_ssize_t start
-    Py_ssize_t stop
-
-
-cdef struct Record:
-    int64_t item
-    int64_t length
-    int64_t begin
-    int64_t end
-    int field
-    int dtype
 
 
 cdef int fail(Cursor* c, str what) except -1:
-    raise HeaderError(f"{what} at byte {c.pos}")
+    raise PayloadHeaderError(f"{what} at byte {c.pos}")
 
 
 cdef inline void skip_ws(Cursor* c) noexcept:
@@ -280,7 +254,7 @@ def parse_header(const unsigned char[::1] header not None):
     cdef Span key, name
     cdef const unsigned char* sep
     if header.shape[0] == 0:
-        raise HeaderError("empty header")
+        raise PayloadHeaderError("empty header")
     c.buf = &header[0]
     c.pos = 0
     c.n = header.shape[0]

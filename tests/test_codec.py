@@ -8,13 +8,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.bench_payload_guard import HOSTILE, frxp_with_info
 from fastrollout import EID, Experience, ExperienceBatch, PayloadError
-from fastrollout.experience import (decode_any, decode_experiences, decode_payloads,
-                                    encode_experiences)
+from fastrollout._native.plain_msgpack import check_plain
+from fastrollout._native.plain_pickle import MAX_KEY_COST
+from fastrollout.experience import (
+    decode_any,
+    decode_experiences,
+    decode_payloads,
+    encode_experiences,
+)
 from fastrollout.experience.batch import ArrayColumn, WireEID, WireItem
 from fastrollout.experience.model import ARRAY_FIELDS, FIELD_DTYPES, FIELDS, META_FIELDS, as_array
-
 from fuzzing import mutated
+from test_plain_pickle import decode_isolated
 
 
 def full_experience(i, dtype_choice=0):
@@ -25,7 +32,8 @@ def full_experience(i, dtype_choice=0):
         dtype = allowed[(i + dtype_choice) % len(allowed)]
         arrays[name] = (rng.integers(0, 2, 5 + i) if dtype.kind in "bi"
                         else rng.standard_normal(5 + i)).astype(dtype)
-    return Experience(**arrays, prompt_length=2, reward=0.25 * i, truncate_status="response_truncated",
+    return Experience(**arrays, prompt_length=2, reward=0.25 * i,
+                      truncate_status="response_truncated",
                       info={"model_version": 3, "nested": {"a": [1, 2.5, None, True]}},
                       metrics={"acc": 1.0}, response_text="héllo", prompt_text="p",
                       messages=[{"role": "user", "content": "x"}], tools=[{"name": "calc"}],
@@ -51,7 +59,7 @@ def test_round_trip_every_field_and_dtype(dtype_choice):
         for name in ARRAY_FIELDS:
             setattr(e, name, getattr(e, name).astype(getattr(exps[0], name).dtype))
     batch = decode_experiences(encode_experiences(exps))
-    for a, b in zip(exps, batch):
+    for a, b in zip(exps, batch, strict=True):
         assert_same(a, b)
 
 
@@ -73,9 +81,31 @@ def test_array_columns_are_views_into_the_payload():
         assert np.shares_memory(col.data, whole), name
         assert np.shares_memory(batch[1].tokens, whole)
     assert not batch[0].tokens.flags.writeable
-    mv = memoryview(bytearray(payload))
-    b2 = decode_experiences(mv)
-    assert np.shares_memory(b2.column("logprobs").data, np.frombuffer(mv, np.uint8))
+    for view in (memoryview(payload), memoryview(payload)[0:], memoryview(payload).cast("c")):
+        b2 = decode_experiences(view)  # read-only views of bytes: still no copy
+        assert np.shares_memory(b2.column("logprobs").data, whole)
+
+
+# A payload in a buffer its owner can still write to (each view is of a bytearray).
+MUTABLE = {"bytearray": lambda b: b, "memoryview": memoryview,
+           "read-only view of a bytearray": lambda b: memoryview(b).toreadonly(),
+           "numpy array": lambda b: np.frombuffer(b, np.uint8)}
+
+
+@pytest.mark.parametrize("decode", [decode_experiences, decode_any,
+                                    lambda p: decode_payloads([p])])
+@pytest.mark.parametrize("kind", MUTABLE)
+def test_mutable_buffers_are_copied(decode, kind):
+    # Issue 11, failure 5: a batch viewing the caller's bytearray changed with it, and
+    # bytearray.clear() raised BufferError for as long as the batch lived.
+    exp = full_experience(0)
+    backing = bytearray(encode_experiences([exp]))
+    payload = MUTABLE[kind](backing)
+    batch = decode(payload)
+    backing[:] = bytes(len(backing))  # the caller reuses its buffer
+    assert_same(batch[0], exp)
+    del payload
+    backing.clear()  # nothing of the batch holds the buffer
 
 
 def test_decode_any_dispatch_and_payload_list():
@@ -146,6 +176,87 @@ def test_refuses_bad_booleans_and_huge_claims():
         decode_experiences(hostile)
 
 
+def _map(entries: list[tuple[bytes, bytes]]) -> bytes:
+    return b"\xdf" + struct.pack(">I", len(entries)) + b"".join(k + v for k, v in entries)
+
+
+def test_colliding_keys_are_refused_before_msgspec_builds_the_dict():
+    # Issue 11, failure 3 (FRXP): 20,000 two-int array keys solved for one tuple hash
+    # (~400 KB) took 7-19 s to decode, and were accepted.
+    assert decode_isolated(HOSTILE["20k tuple keys, FRXP (failure 3)"]()).startswith(
+        "PayloadError payload 0: header.items[0].info: a map has keys other than str "
+        f"costing over {MAX_KEY_COST}")
+
+
+@pytest.mark.parametrize("keys, ok", [
+    ([msgspec.msgpack.encode(i) for i in range(MAX_KEY_COST)], True),
+    ([msgspec.msgpack.encode(i) for i in range(MAX_KEY_COST + 1)], False),
+    ([msgspec.msgpack.encode(f"k{i}") for i in range(10_000)], True),
+    ([b"\x92\x01" + msgspec.msgpack.encode(i) for i in range(MAX_KEY_COST // 3)], True),
+    ([b"\x92\x01" + msgspec.msgpack.encode(i) for i in range(MAX_KEY_COST // 3 + 1)], False),
+    ([msgspec.msgpack.encode(b"x" * 8 * (MAX_KEY_COST - 1))], True),
+    ([msgspec.msgpack.encode(b"x" * 8 * MAX_KEY_COST)], False),
+])
+def test_header_maps_bound_keys_other_than_str(keys, ok):
+    payload = frxp_with_info(b"\x81\xa1a" + _map([(k, b"\xc0") for k in keys]))  # {"a": ...}
+    if ok:
+        assert len(decode_experiences(payload)[0].info["a"]) == len(keys)
+        return
+    with pytest.raises(PayloadError, match=r"payload 2: header\.items\[0\]\.info\.a: a map "
+                                           f"has keys other than str costing over {MAX_KEY_COST}"):
+        decode_experiences(payload, index=2)
+
+
+def _deep_info(levels: int) -> dict:
+    info: dict = {}
+    for _ in range(levels - 1):
+        info = {"a": info}
+    return info
+
+
+def test_header_nesting_is_bounded():
+    # The header array, items and the item are three levels: info may nest 197 more.
+    deep = _deep_info(197)
+    assert decode_experiences(encode_experiences([Experience(tokens=[1], info=deep)]))[0] \
+        .info == deep
+    payload = encode_experiences([Experience(tokens=[1], info=_deep_info(198))])
+    with pytest.raises(PayloadError, match=r"payload 1: header\.items\[0\]\.info\.a\.a\.a\.a\.a"
+                                           r"\.\.\.: data nested deeper than 200 levels"):
+        decode_experiences(payload, index=1)
+
+
+@pytest.mark.parametrize("info, match", [
+    (b"\x81\xa1t\xd6\xff\x00\x00\x00\x00", r"info\.t: MessagePack extension types are not "
+                                           "plain data"),   # a timestamp: a datetime
+    (b"\x81\x81\xa1k\x01\x02", r"info: map keys must be hashable"),
+    (b"\x81\x01\x81\xa1x\xd6\xff\x00\x00\x00\x00", r"info\[\.\.\.\]\.x: MessagePack extension"),
+    (b"\x81\xa1t\xc1", r"info\.t: MessagePack data is malformed"),
+    (b"\x81\xa1t\xdd\x00\x01\x00\x00\x01", r"info\.t: an array claims 65536 elements"),
+])
+def test_header_scan_refuses_what_is_not_plain_data(info, match):
+    with pytest.raises(PayloadError, match=r"payload 0: header\.items\[0\]\." + match):
+        decode_experiences(frxp_with_info(info), index=0)
+
+
+def test_header_scan_refuses_every_truncation():
+    payload = encode_experiences([full_experience(i) for i in range(2)])
+    hlen = _header(payload)[1]
+    raw = payload[16:16 + hlen]
+    check_plain(raw)
+    for cut in range(hlen):
+        with pytest.raises(PayloadError, match=r"truncated|claims"):
+            check_plain(raw[:cut])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64))
+def test_header_scan_takes_any_bytes(blob):
+    try:
+        check_plain(blob)
+    except PayloadError:
+        pass
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_mutated_payloads_raise_payload_error_or_decode(data):
@@ -190,7 +301,7 @@ def assert_same_batch(a, b):
     assert a.eids == b.eids
     for name in META_FIELDS:
         assert a.meta(name) == b.meta(name), name
-    for x, y in zip(a, b):                  # indexing: Experiences equal field by field
+    for x, y in zip(a, b, strict=True):     # indexing: Experiences equal field by field
         for name in ARRAY_FIELDS:
             u, v = getattr(x, name), getattr(y, name)
             assert (u is None) == (v is None), name

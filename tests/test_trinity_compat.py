@@ -13,12 +13,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.bench_payload_guard import HOSTILE, trxp_with_info
 from benchmarks.trinity_ref import trinity_module
-from fastrollout import EID, Experience, PayloadError
+from fastrollout import EID, Experience, ExperienceBatch, PayloadError
+from fastrollout._native.plain_pickle import MAX_KEY_COST
 from fastrollout.compat.trinity import decode_trxp, encode_trxp
-from fastrollout.experience import decode_any
-
+from fastrollout.experience import decode_any, decode_experiences, encode_experiences
 from fuzzing import mutated
+from test_plain_pickle import decode_isolated
 
 T = trinity_module("common/experience.py")
 
@@ -64,7 +66,7 @@ def test_decode_trinity_payload():
     payload = T.Experience.serialize_many(theirs)
     batch = decode_trxp(payload)
     assert len(batch) == 3
-    for ours, t in zip(batch, theirs):
+    for ours, t in zip(batch, theirs, strict=True):
         assert_matches_trinity(ours, t)
     # Trinity's quirk: a single-turn experience is written with its synthesized action mask.
     assert batch[0].action_mask.tolist() == [True, True]
@@ -95,7 +97,7 @@ def test_trinity_reads_our_payload():
     # The quirk again: Trinity synthesizes an action mask for single-turn experiences.
     assert theirs[0].action_mask.tolist() == [True, True] and ours[0].action_mask is None
     ours[0].action_mask = np.ones(2, dtype=np.bool_)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert_matches_trinity(a, b)
     assert theirs[1].experience_type == "multi_turn"
 
@@ -104,7 +106,7 @@ def test_round_trip_through_trinity_both_ways():
     theirs = trinity_experiences()
     again = T.Experience.deserialize_many(encode_trxp(decode_trxp(
         T.Experience.serialize_many(theirs))))
-    for a, b in zip(decode_trxp(T.Experience.serialize_many(again)), theirs):
+    for a, b in zip(decode_trxp(T.Experience.serialize_many(again)), theirs, strict=True):
         assert_matches_trinity(a, b)
 
 
@@ -124,7 +126,8 @@ class Boom:
     (pickle.dumps(Boom(), protocol=0), "GLOBAL|not allowed"),
     (pickle.dumps(Boom(), protocol=2), "GLOBAL"),
     (b"\x80\x05r\xff\xff\xff\x7f.", "memo index"),
-    (b"\x80\x05]\x94h\x00a.", "Expected `object`"),
+    (b"\x80\x05]\x94.", "Expected `object`"),
+    (b"\x80\x05]\x94h\x00a.", "cycle"),
     (b"\x80\x05X\xff\xff\xff\x00abc.", "claims"),
     (b"\x80\x05}\x94", "truncated"),
     (b"\x80\x05N.junk", "follow the STOP"),
@@ -169,13 +172,104 @@ def test_refuses_cycles_sharing_blowup_and_deep_nesting(info, match):
         decode_trxp(_trxp(_with_info(info)), index=0)
 
 
+def _tensors(n):
+    """The safetensors section of a TRXP payload of ``n`` experiences."""
+    payload = encode_trxp([Experience(tokens=[1, 2]) for _ in range(n)])
+    return payload[21 + struct.unpack_from("<Q", payload, 5)[0]:]
+
+
 def test_shared_references_within_budget_are_kept():
     tools = [{"name": "calc", "args": ["a", "b"]}]
-    meta = {"version": 1, "num_items": 2, "items": [{"tools": tools}, {"tools": tools}]}
-    tensors = encode_trxp([Experience(tokens=[1, 2]), Experience(tokens=[3])])
-    st_part = tensors[21 + struct.unpack_from("<Q", tensors, 5)[0]:]
-    batch = decode_trxp(_trxp(meta, st_part))
+    eid = {"batch": 1, "task": 0, "run": 0, "step": 0, "suffix": "s"}
+    meta = {"version": 1, "num_items": 2, "items": [{"eid": eid, "tools": tools},
+                                                    {"eid": eid, "tools": tools}]}
+    batch = decode_trxp(_trxp(meta, _tensors(2)))
     assert batch[0].tools == batch[1].tools == tools
+
+
+def test_a_hand_written_meta_pickle_decodes():
+    assert decode_trxp(trxp_with_info(b"}(\x8c\x01kK\x01u"))[0].info == {"k": 1}
+
+
+@pytest.mark.parametrize("name, refusal", [
+    # EMPTY_TUPLE then 200,000 TUPLE1, used as a dict key (~200 KB). Hashing it while
+    # unpickling, before any depth check, overflowed the C stack: SIGSEGV.
+    ("deep tuple key (failure 1)", "data nested deeper than 200 levels"),
+    # One list of 1,000 ints referenced 1,000,000 times through the memo. The sharing check
+    # built every reference: MemoryError after 8.5 s and 3.7 GB.
+    ("1M shared refs (failure 2)", "shared references expand the data past"),
+    # 20,000 int keys k * (2**61 - 1), which all hash alike (~300 KB): accepted after 7-19 s.
+    ("20k int keys (failure 3)", "integer outside the 64-bit range"),
+    # ... and the same within 64 bits: two-int tuple keys solved for one hash.
+    ("20k tuple keys, TRXP", "a dict or set has keys other than str costing over"),
+])
+def test_issue_11_metadata_is_refused_while_loading(name, refusal):
+    assert decode_isolated(HOSTILE[name]()).startswith(
+        f"UnsafePickleError payload 0: meta: {refusal}")
+
+
+@pytest.mark.parametrize("plen, match", [
+    (2**63, r"payload 3: meta: Expected `int` <= 9223372036854775807 - at "
+            r"`\$\.items\[0\]\.prompt_length`"),
+    (-2**63 - 1, "payload 3: meta: integer outside the 64-bit range"),
+    (2**70, "payload 3: meta: integer outside the 64-bit range"),
+])
+def test_prompt_length_must_fit_int64(plen, match):
+    # Issue 11, failure 4: OverflowError instead of PayloadError.
+    eid = {"batch": 1, "task": 0, "run": 0, "step": 0, "suffix": "s"}
+    meta = {"version": 1, "num_items": 1, "items": [{"eid": eid, "prompt_length": plen}]}
+    with pytest.raises(PayloadError, match=match):
+        decode_trxp(_trxp(meta, _tensors(1)), index=3)
+
+
+def test_a_trinity_batch_encodes_and_joins_like_any_batch():
+    # Issue 11, failure 6: decode_trxp's items were private structs, so FRXP could not
+    # encode them ("header.items[0]: Expected array, got object" on decoding).
+    theirs = trinity_experiences()
+    batch = decode_trxp(T.Experience.serialize_many(theirs))
+    for ours, t in zip(decode_experiences(encode_experiences(batch)), theirs, strict=True):
+        assert_matches_trinity(ours, t)
+    native = decode_experiences(encode_experiences([Experience(tokens=[9], info={"n": 1})]))
+    joined = decode_experiences(encode_experiences(ExperienceBatch.concat([batch, native])))
+    for ours, t in zip(joined, theirs, strict=False):  # joined has one more
+        assert_matches_trinity(ours, t)
+    assert joined[3].tokens.tolist() == [9] and joined[3].info == {"n": 1}
+
+
+def test_a_mutable_payload_is_copied():
+    # Issue 11, failure 5, for TRXP: the batch viewed the caller's bytearray.
+    theirs = trinity_experiences()
+    backing = bytearray(T.Experience.serialize_many(theirs))
+    batch = decode_trxp(backing)
+    backing[:] = bytes(len(backing))
+    for ours, t in zip(batch, theirs, strict=True):
+        assert_matches_trinity(ours, t)
+    backing.clear()
+
+
+def _nested_info(levels):
+    info = {}
+    for _ in range(levels - 1):
+        info = {"a": info}
+    return info
+
+
+@pytest.mark.parametrize("info, refusal", [
+    (_nested_info(197), None), (_nested_info(198), "nested deeper"),
+    ({"k": dict.fromkeys(range(MAX_KEY_COST), 0)}, None),
+    ({"k": dict.fromkeys(range(MAX_KEY_COST + 1), 0)}, "keys other than str"),
+    ({"t": {(1, "x" * 40): 0}}, None),
+    ({1: 0}, r"Expected `str`, got `int`"),   # info's own keys are str, as WireItem says
+])
+def test_both_formats_accept_the_same_metadata(info, refusal):
+    # A TRXP batch goes on as FRXP: the two decoders bound nesting and keys alike.
+    exps = [Experience(tokens=[1, 2], info=info)]
+    for payload in (encode_trxp(exps), encode_experiences(exps)):
+        if refusal is None:
+            assert decode_any(payload)[0].info == info
+        else:
+            with pytest.raises(PayloadError, match=refusal):
+                decode_any(payload)
 
 
 @pytest.mark.parametrize("edit, match", [

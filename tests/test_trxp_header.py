@@ -1,7 +1,7 @@
 """The compiled safetensors header parser behind ``decode_trxp`` (native/trxp_header.pyx).
 
 Results are checked against a reference built from ``json.loads`` of the same bytes, and
-hostile or random bytes must only ever give a result or ``HeaderError``.
+hostile or random bytes must only ever give a result or ``PayloadHeaderError``.
 """
 import json
 import struct
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save
 
 from fastrollout import Experience, PayloadError
-from fastrollout._native.trxp_header import HeaderError, parse_header
+from fastrollout._native.trxp_header import PayloadHeaderError, parse_header
 from fastrollout.compat.trinity import decode_trxp, encode_trxp
 
 LIMIT = 2**56
@@ -128,7 +128,7 @@ def test_layouts_and_odd_keys_match_the_reference(header):
     (b'{"__metadata__":{},"__metadata__":{}}', "duplicate __metadata__ at byte 19"),
 ])
 def test_refuses_malformed_headers(header, match):
-    with pytest.raises(HeaderError, match=match):
+    with pytest.raises(PayloadHeaderError, match=match):
         parse_header(header)
 
 
@@ -137,20 +137,20 @@ def test_every_truncation_of_a_valid_header_is_refused():
                                  "0:logprobs": np.zeros(5, np.float32)}, {"a": "b"})
     end = len(header.rstrip())
     for cut in range(end):
-        with pytest.raises(HeaderError):
+        with pytest.raises(PayloadHeaderError):
             parse_header(header[:cut])
 
 
 def test_caps_distinct_names_so_lookups_stay_linear():
     def header(keys, dtypes):
         return json.dumps({k: {"dtype": d, "shape": [0], "data_offsets": [0, 0]}
-                           for k, d in zip(keys, dtypes)}).encode()
+                           for k, d in zip(keys, dtypes, strict=True)}).encode()
     many = [f"f{k}" for k in range(65)]
     assert len(parse_header(header([f"0:{n}" for n in many[:64]], ["U8"] * 64))[0]) == 64
-    with pytest.raises(HeaderError, match="more than 64 distinct tensor field names"):
+    with pytest.raises(PayloadHeaderError, match="more than 64 distinct tensor field names"):
         parse_header(header([f"0:{n}" for n in many], ["U8"] * 65))
     assert len(parse_header(header([f"{k}:t" for k in range(64)], many[:64]))[1]) == 64
-    with pytest.raises(HeaderError, match="more than 64 distinct dtypes"):
+    with pytest.raises(PayloadHeaderError, match="more than 64 distinct dtypes"):
         parse_header(header([f"{k}:t" for k in range(65)], many))
 
 
@@ -204,7 +204,7 @@ VALID = safetensors_header({"0:tokens": np.arange(3, dtype=np.int64),
 def _parse_or_refuse(header: bytes):
     try:
         parse_header(header)
-    except HeaderError:
+    except PayloadHeaderError:
         return
     assert_matches_reference(header)  # whatever it accepts is JSON that means the same
 

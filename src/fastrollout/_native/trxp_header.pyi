@@ -2,10 +2,7 @@
 import numpy as np
 import numpy.typing as npt
 
-from fastrollout.errors import FastRolloutError
-
-class HeaderError(FastRolloutError, ValueError):
-    """The bytes are not a safetensors header of the shape safetensors writes."""
+from fastrollout.errors import PayloadHeaderError as PayloadHeaderError
 
 def parse_header(
     header: bytes | bytearray | memoryview,
@@ -18,7 +15,7 @@ def parse_header(
     number (-1 if the text before ``:`` is not decimal digits, clamped at 2**56), the
     length (``shape[0]``, -1 if the tensor is not 1-D), the begin and end data offsets, and
     the index of the tensor's dtype name in ``dtypes``; ``first_key`` is the field's first
-    key. ``__metadata__`` is checked and dropped. Raises ``HeaderError`` (naming the byte
+    key. ``__metadata__`` is checked and dropped. Raises ``PayloadHeaderError`` (naming the byte
     position) for anything but that exact layout, for integers of 2**56 or more, escapes in
     keys or dtypes, and more than 64 distinct field or dtype names.
     """

@@ -2,7 +2,9 @@
 
 TRXP = ``b"TRXP" | u8 version=1 | u64 meta_len | u64 tensor_len | pickle(meta) |
 safetensors(tensors)``; tensors are keyed ``"{i}:{field}"``. Decoding gives numpy views
-over the safetensors data (a column whose items share one dtype is one view of it).
+over the safetensors data (a column whose items share one dtype is one view of it) and
+``WireItem`` metadata, so a decoded batch encodes to FRXP and joins others like any batch.
+The metadata pickle is read by ``plain_pickle``: plain data only, in bounded time and memory.
 """
 from __future__ import annotations
 
@@ -10,16 +12,17 @@ import json
 import pickle
 import struct
 from collections.abc import Iterable
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 
-from .._native.trxp_header import HeaderError, parse_header
-from ..errors import PayloadError
-from ..experience.batch import ArrayColumn, ExperienceBatch
+from .._native.plain_pickle import load_plain
+from .._native.trxp_header import parse_header
+from ..errors import PayloadError, PayloadHeaderError, UnsafePickleError
+from ..experience.batch import ArrayColumn, ExperienceBatch, WireEID, WireItem
 from ..experience.codec import read_prefix, where
 from ..experience.model import ARRAY_FIELDS, FIELD_DTYPES, Experience, as_array
-from .pickle_guard import UnsafePickle, check_tree, load_plain
 
 MAGIC = b"TRXP"
 VERSION = 1
@@ -31,23 +34,27 @@ _ST_DTYPES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "I16": "<i2", "U16": "<u2
               "BF16": "<u2", "F32": "<f4", "F64": "<f8"}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items() if k != "BF16"}
 _UNSUPPORTED = ("routed_experts", "multi_modal_inputs")
+# The metadata, with shared references counted each time they occur (what re-encoding it
+# writes), may cost this much per payload byte (plain_pickle's cost: 1 per value plus 1 per
+# 8 bytes of str): room for items that share a tools list or a prompt, while a few memo
+# references cannot stand for gigabytes.
+_COST_PER_BYTE = 8
 
-
-class _EID(msgspec.Struct, gc=False):
-    batch: int | str = ""
-    task: int | str = ""
-    run: int = 0
-    step: int = 0
-    suffix: str = ""
+# Trinity writes an eid as a dict of WireEID's fields (``EID.to_dict()``). msgspec reads an
+# array-like struct from arrays only, so the dict form is derived here from WireEID's fields.
+_EID = msgspec.defstruct("_EID", [(f.name, f.type) for f in msgspec.structs.fields(WireEID)],
+                         gc=False)
 
 
 class _Item(msgspec.Struct, gc=False):
-    eid: _EID = msgspec.field(default_factory=_EID)
+    """One experience's metadata as Trinity pickles it (only what fastrollout reads)."""
+
+    eid: _EID
     reward: float | None = None
     truncate_status: str | None = None
-    info: dict | None = None
-    metrics: dict | None = None
-    prompt_length: int = 1
+    info: dict[str, Any] | None = None      # str keys at the top, as WireItem's
+    metrics: dict[str, Any] | None = None
+    prompt_length: Annotated[int, msgspec.Meta(ge=-2**63, le=2**63 - 1)] = 1  # int64 column
     response_text: str | None = None
     prompt_text: str | None = None
     messages: list | None = None
@@ -68,53 +75,49 @@ class _Meta(msgspec.Struct, gc=False):
 
 def decode_trxp(payload: bytes | bytearray | memoryview, *,
                 index: int | None = None) -> ExperienceBatch:
-    """Decode a TRXP payload written by Trinity's ``Experience.serialize_many``."""
+    """Decode a TRXP payload written by Trinity's ``Experience.serialize_many``.
+
+    Array columns view ``payload`` when it is ``bytes``, else one copy of it (see
+    ``codec.owned_view``). Corrupt or hostile bytes raise PayloadError (UnsafePickleError for
+    the pickle, PayloadHeaderError for the safetensors header) naming ``index``."""
     ctx = where(index)
     view, (meta_len, tensor_len) = read_prefix(payload, _PREFIX, MAGIC, VERSION, ctx)
     end = len(view)
     if meta_len > end or tensor_len > end or _PREFIX.size + meta_len + tensor_len != end:
         raise PayloadError(f"{ctx}: prefix: meta ({meta_len}) and tensor ({tensor_len}) "
                            f"lengths do not add up to the {end}-byte payload")
-    meta_view = view[_PREFIX.size:_PREFIX.size + meta_len]
-    items = _load_meta(meta_view, ctx)
-    st_start = _PREFIX.size + meta_len
-    columns = _load_tensors(view, st_start, end, len(items), ctx)
-    n = len(items)
-    rewards = np.array([np.nan if it.reward is None else it.reward for it in items],
+    meta = _load_meta(view[_PREFIX.size:_PREFIX.size + meta_len], _COST_PER_BYTE * end, ctx)
+    n = len(meta)
+    columns = _load_tensors(view, _PREFIX.size + meta_len, end, n, ctx)
+    rewards = np.array([np.nan if it.reward is None else it.reward for it in meta],
                        dtype=np.float64)
-    has_reward = np.array([it.reward is not None for it in items], dtype=np.bool_)
-    plens = np.array([it.prompt_length for it in items], dtype=np.int64)
+    has_reward = np.array([it.reward is not None for it in meta], dtype=np.bool_)
+    plens = np.array([it.prompt_length for it in meta], dtype=np.int64)
+    items = [WireItem(WireEID(it.eid.batch, it.eid.task, it.eid.run, it.eid.step, it.eid.suffix),
+                      info={} if it.info is None else it.info,
+                      metrics={} if it.metrics is None else it.metrics,
+                      response_text=it.response_text, prompt_text=it.prompt_text,
+                      truncate_status=it.truncate_status, messages=it.messages, tools=it.tools,
+                      chosen_messages=it.chosen_messages, rejected_messages=it.rejected_messages)
+             for it in meta]
     return ExperienceBatch(items, columns, rewards, None if has_reward.all() else has_reward,
-                           plens if n else np.zeros(0, np.int64))
+                           plens)
 
 
-def _load_meta(view: memoryview, ctx: str) -> list[_Item]:
+def _load_meta(view: memoryview, budget: int, ctx: str) -> list[_Item]:
     try:
-        raw = load_plain(view)
-    except UnsafePickle as exc:
-        raise PayloadError(f"{ctx}: meta: {exc}") from None
-    try:
-        meta = msgspec.convert(raw, _Meta)
-    except (ValueError, RecursionError) as exc:
+        meta = msgspec.convert(load_plain(view, budget), _Meta)
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{ctx}: meta: {exc}") from None
+    except ValueError as exc:  # msgspec's: the data is plain, not of Trinity's shape
         raise PayloadError(f"{ctx}: meta: {exc}") from None
     if meta.version != VERSION or meta.num_items != len(meta.items):
         raise PayloadError(f"{ctx}: meta: version {meta.version} with num_items "
                            f"{meta.num_items} for {len(meta.items)} items")
-    roots: list = []
     for i, it in enumerate(meta.items):
         if it.custom_fields or it.multi_modal_input_keys:
             field = "custom_fields" if it.custom_fields else "multi_modal_inputs"
             raise PayloadError(f"{ctx}: items[{i}].{field}: not supported by fastrollout")
-        if it.info is None:
-            it.info = {}
-        if it.metrics is None:
-            it.metrics = {}
-        roots += (it.info, it.metrics, it.messages, it.tools, it.chosen_messages,
-                  it.rejected_messages)
-    try:
-        check_tree(roots, budget=8 * len(view) + 1024)
-    except UnsafePickle as exc:
-        raise PayloadError(f"{ctx}: meta: {exc}") from None
     return meta.items
 
 
@@ -127,8 +130,8 @@ def _load_tensors(view: memoryview, start: int, end: int, n: int,
         raise PayloadError(f"{ctx}: tensors: header length {hlen} runs past the payload")
     try:
         fields, dtypes = parse_header(view[start + 8:start + 8 + hlen])
-    except HeaderError as exc:
-        raise PayloadError(f"{ctx}: tensors: bad safetensors header: {exc}") from None
+    except PayloadHeaderError as exc:
+        raise PayloadHeaderError(f"{ctx}: tensors: bad safetensors header: {exc}") from None
     data = view[start + 8 + hlen:end]
     for name, (_, first_key) in fields.items():
         if name not in FIELD_DTYPES:
@@ -183,7 +186,7 @@ def _column(data: memoryview, name: str, rows: np.ndarray, dtypes: list[str], n:
     else:  # mixed, narrow or bfloat16 dtypes: one converting copy
         arrays: list[np.ndarray | None] = [None] * n
         for i, code, b, e in zip(idx.tolist(), codes.tolist(), begins.tolist(),
-                                 ends.tolist()):
+                                 ends.tolist(), strict=True):
             raw = np.frombuffer(data[b:e], dtype=_ST_DTYPES[dtypes[code]])
             if dtypes[code] == "BF16":
                 raw = (raw.astype(np.uint32) << 16).view(np.float32)
