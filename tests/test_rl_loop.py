@@ -16,11 +16,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 def test_three_steps_move_the_weights_and_the_versions(tiny_model, tmp_path):
     import uvloop
 
+    vllm_dir = tmp_path / "vllm"     # vLLM's sockets and caches
+    vllm_dir.mkdir()
     engine_args = {"max_model_len": 256, "enforce_eager": True, "dtype": "float32",
                    "kv_cache_memory_bytes": 128 << 20, "seed": 0, "cpu_engines": 1}
     records = uvloop.run(asyncio.wait_for(rl_loop(
         tiny_model, tmp_path, steps=3, tasks_per_step=4, repeat=4, max_tokens=12, lr=5e-2,
-        engine_args=engine_args, engine_env=engine_env(tmp_path / "vllm")), 600))
+        engine_args=engine_args, engine_env=engine_env(vllm_dir)), 600))
     gc.collect()    # the engines' leftovers go now, not at interpreter exit
     # each step's rollouts were sampled with the weights the previous step wrote
     assert [r["sampled_with_version"] for r in records] == [0, 1, 2]

@@ -101,6 +101,14 @@ def _freeze_startup_heap() -> None:
         gc.freeze()
 
 
+def _nbytes(payload: Any) -> int:
+    """A payload's size in bytes (0 for what is no buffer: the decoder refuses it)."""
+    try:
+        return memoryview(payload).nbytes
+    except TypeError:
+        return 0
+
+
 def _check_batch_id(batch_id: Any) -> BatchId:
     """An int (numpy ints count, as ints) or a str; anything else raises here, before
     anything is registered."""
@@ -332,8 +340,7 @@ class RolloutCoordinator:
         Large payload lists are decoded in a worker thread, off the event loop."""
         pipeline = self._require_pipeline()
         payloads = list(payloads)
-        size = sum(len(p) if isinstance(p, (bytes, bytearray)) else 0 for p in payloads)
-        if size > OFF_LOOP_BYTES:
+        if sum(map(_nbytes, payloads)) > OFF_LOOP_BYTES:
             batch = await asyncio.to_thread(decode_payloads, payloads)
         else:
             batch = decode_payloads(payloads)
