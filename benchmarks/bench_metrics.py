@@ -105,8 +105,26 @@ def test_aggregate_ours(benchmark, task_metrics):
     assert result == T.aggregate_metrics(task_metrics, "rollout")
 
 
+@pytest.mark.benchmark(group="one-run train task-level, 9 keys")
+def test_one_run_task_trinity_060(benchmark, train_runs):
+    benchmark(T.calculate_task_level_metrics, train_runs[:1], False)
+
+
+@pytest.mark.benchmark(group="one-run train task-level, 9 keys")
+def test_one_run_task_ours(benchmark, train_runs):
+    result = benchmark(M.calculate_task_level_metrics, train_runs[:1], False)
+    assert result == T.calculate_task_level_metrics(train_runs[:1], False)
+
+
+def _tally(task_metrics: list[dict]) -> dict:
+    tally = M.MetricTally()
+    for metrics in task_metrics:
+        tally.add(metrics)
+    return tally.summary("rollout")
+
+
 @pytest.mark.benchmark(group="aggregate_metrics, 4096 tasks x 10 keys")
-def test_aggregate_ours_from_columns(benchmark, task_metrics):
-    columns = {k: np.array([d[k] for d in task_metrics]) for k in task_metrics[0]}
-    result = benchmark(M.aggregate_columns, columns, "rollout")
-    assert result == T.aggregate_metrics(task_metrics, "rollout")
+def test_aggregate_ours_running_tally(benchmark, task_metrics):
+    """The coordinator's way: one ``MetricTally.add`` per finished task, then ``summary``."""
+    result = benchmark(_tally, task_metrics)
+    assert list(result) == list(T.aggregate_metrics(task_metrics, "rollout"))

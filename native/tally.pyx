@@ -12,59 +12,55 @@ C doubles (in Python each update made a dozen float objects).
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.math cimport fabs, isfinite, sqrt
 
-cdef struct Group:
-    Py_ssize_t count
-    double total        # running sum
-    double comp         # Neumaier's compensation of the sum (mean groups)
-    double mean         # Welford's running mean and sum of squared deviations (mean groups)
-    double m2
-    double hi
-    double lo
-    double last
-    bint nan_seen
-    bint is_mean
+from fastrollout.metric_keys import AggType, batch_group, key_type_error, single_run_plan
 
-# From fastrollout.metrics, imported on first use (that module imports this one): its
-# cached key parsers and AggType.MEAN.
-cdef object _by_name = None
-cdef object _single_plan = None
-cdef object _MEAN = None
+# C globals: read for every key, they cost less than module-attribute lookups.
+cdef object _batch_group = batch_group
+cdef object _single_run_plan = single_run_plan
+cdef object _MEAN = AggType.MEAN
 
 
-cdef int _import_metrics() except -1:
-    global _by_name, _single_plan, _MEAN
-    from fastrollout.metrics import AggType, _by_name as by_name, _single_plan as single_plan
-    _by_name, _single_plan, _MEAN = by_name, single_plan, AggType.MEAN
+cdef int _check_key(key) except -1:
+    """For the keys that are not parsed (of skipped values): they must be str all the same."""
+    if not isinstance(key, str):
+        raise key_type_error(key)
     return 0
 
 
-cdef inline bint _number(object item, double* value) except -1:
+cdef inline bint _number(object key, object item, double* value) except -1:
     """A metric value counts if it is an int or a float (bools and float subclasses too, as
-    in Trinity): stored in ``value``, True. Anything else is skipped: False."""
+    in Trinity): stored in ``value``, True. Anything else is skipped: False (its key, left
+    unparsed, must be a str all the same)."""
     if type(item) is float:
         value[0] = item
     elif isinstance(item, (int, float)):
         value[0] = float(item)
     else:
+        _check_key(key)
         return False
     return True
+
+
+cdef object _none_if_str_keys(metric_dict):
+    """None, once every key of ``metric_dict`` is known to be a str."""
+    for key in metric_dict:
+        _check_key(key)
+    return None
 
 
 def single_run_metrics(metric_dict, bint is_eval):
     """What ``calculate_task_level_metrics([metric_dict], is_eval)`` gives, each value reduced
     alone; None when that does not hold: two keys share a group, or an eval task has a mean
     key that is not a time (it gets ``mean@1``...). A task whose runs report only timings,
-    or any train task of one run, takes this path."""
+    or any train task of one run, takes this path. A key that is not a str raises TypeError."""
     cdef double value
-    if _single_plan is None:
-        _import_metrics()
     out = {}
     for key, item in metric_dict.items():
-        if not _number(item, &value):
+        if not _number(key, item, &value):
             continue
-        group, plus_zero, eval_alone = <tuple>_single_plan(key)
+        group, plus_zero, eval_alone = <tuple>_single_run_plan(key)
         if group in out or (is_eval and not eval_alone):
-            return None
+            return _none_if_str_keys(metric_dict)
         # sum((v,)) / 1 for a mean or a sum is 0 + v (so -0.0 becomes 0.0); max/min/last: v
         out[group] = 0.0 + value if plus_zero else value
     return out
@@ -79,15 +75,9 @@ cdef class MetricTally:
     reductions as Python's ``sum``/``max``/``min``). Mean-key statistics come from a
     compensated running sum and Welford's variance, so ``mean`` and ``std`` may differ from
     numpy's pairwise sums in the last bits; a NaN makes mean, max, min and std NaN, as in
-    numpy. Non-numeric values are skipped.
+    numpy. Non-numeric values are skipped. A key that is not a str raises TypeError, and the
+    dict's keys before it stay counted: check a task's metrics before adding them.
     """
-
-    cdef Group* _groups
-    cdef Py_ssize_t _size
-    cdef Py_ssize_t _capacity
-    cdef dict _by_key       # metric key -> group number
-    cdef dict _by_group     # (name, AggType) -> group number
-    cdef list _names        # group number -> (name, AggType)
 
     def __cinit__(self):
         self._by_key = {}
@@ -98,10 +88,7 @@ cdef class MetricTally:
         PyMem_Free(self._groups)
 
     cdef Py_ssize_t _group(self, key) except -1:
-        """The group number of ``key``, made on the key's first appearance."""
-        if _by_name is None:
-            _import_metrics()
-        group = _by_name(key)[0]
+        group = _batch_group(key)[0]
         number = self._by_group.get(group)
         if number is None:
             if self._size == self._capacity:
@@ -124,7 +111,7 @@ cdef class MetricTally:
         cdef double value, total, s, delta
         cdef Group* g
         for key, item in metrics.items():
-            if not _number(item, &value):
+            if not _number(key, item, &value):
                 continue
             number = self._by_key.get(key)
             g = &self._groups[self._group(key) if number is None else <Py_ssize_t>number]

@@ -4,8 +4,8 @@ Same function names, arguments and output keys. Keys are parsed once (cached), v
 grouped once per call, and every statistic is a numpy reduction over a (keys x values) matrix;
 best@k / worst@k need no per-sample Python loop (see :func:`calculate_task_level_metrics`).
 
-Keys: a key may end in ``:agg`` with agg one of mean|sum|max|min|last; any other suffix (or
-none) makes the whole key a mean key, and ``"a"`` and ``"a:mean"`` are one metric.
+Keys: as parsed by :mod:`fastrollout.metric_keys` (``name`` or ``name:agg``). A key that is
+not a str raises TypeError, whatever its value (Trinity skips it when its value is skipped).
 
 Values: one counts only if it is an instance of ``int`` or ``float``, as in Trinity. So ``bool``
 counts (as 0.0 / 1.0) and so does ``numpy.float64`` (a ``float`` subclass), while ``numpy.int64``,
@@ -26,37 +26,33 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from enum import Enum
 from typing import Any, Literal
 
 import numpy as np
 
-from ._native.tally import MetricTally, single_run_metrics
+from ._native.tally import MetricTally as MetricTally
+from ._native.tally import single_run_metrics
+from .metric_keys import (
+    AggType,
+    batch_group,
+    is_time_key,
+    key_type_error,
+    parse_metric_key,
+    run_group,
+)
 
 __all__ = [
     "AggType", "parse_metric_key", "aggregate_metrics", "aggregate_eval_metrics",
-    "aggregate_run_level_metrics", "calculate_task_level_metrics", "aggregate_columns",
-    "aggregate_eval_columns",
+    "aggregate_run_level_metrics", "calculate_task_level_metrics",
 ]
 
 N_BOOTSTRAP = 1000          # Trinity's bootstrap sample count per (key, subset size)
 BOOTSTRAP_SEED = 42         # Trinity reseeds with this before every (key, subset size)
-_TIME_KEYS = ("time/task_execution", "time/run_execution")
 _CHUNK = 1 << 20            # elements per bootstrap temporary (8 MiB of float64)
 
-
-class AggType(str, Enum):
-    MEAN = "mean"
-    SUM = "sum"
-    MAX = "max"
-    MIN = "min"
-    LAST = "last"
-
-
-_AGG_BY_VALUE = {agg.value: agg for agg in AggType}
-# Members as module constants: an Enum member looked up on its class costs ~0.16 us in
-# Python 3.11, and the per-task paths compare against MEAN for every key.
-_MEAN, _SUM = AggType.MEAN, AggType.SUM
+# A module constant: an Enum member looked up on its class costs ~0.16 us in Python 3.11, and
+# the grouping code compares against MEAN for every group.
+_MEAN = AggType.MEAN
 _REDUCERS: dict[AggType, Callable[[list[float]], float]] = {
     AggType.SUM: sum, AggType.MAX: max, AggType.MIN: min, AggType.LAST: operator.itemgetter(-1),
 }
@@ -68,36 +64,6 @@ _NUMERIC = (int, float)
 _UNIFORM_MIN = 32           # inputs shorter than this skip the transposing fast path
 
 Groups = dict[Hashable, tuple[AggType, list[float]]]
-
-
-@functools.lru_cache(maxsize=8192)
-def parse_metric_key(key: str) -> tuple[str, AggType]:
-    """Split a metric key into ``(name, AggType)``.
-
-    ``"reward"`` -> ``("reward", MEAN)``, ``"count:sum"`` -> ``("count", SUM)``,
-    ``"some:unknown"`` -> ``("some:unknown", MEAN)`` (an unknown suffix is part of the name).
-    """
-    if not isinstance(key, str):
-        raise TypeError(f"metric key must be a str, got {type(key).__name__} {key!r}")
-    name, sep, suffix = key.rpartition(":")
-    agg = _AGG_BY_VALUE.get(suffix) if sep else None
-    return (key, _MEAN) if agg is None else (name, agg)
-
-
-@functools.lru_cache(maxsize=8192)
-def _by_name(key: str) -> tuple[tuple[str, AggType], AggType]:
-    """Batch-level grouping: one group per (name, agg)."""
-    parsed = parse_metric_key(key)
-    return parsed, parsed[1]
-
-
-@functools.lru_cache(maxsize=8192)
-def _by_canonical(key: str) -> tuple[str, AggType]:
-    """Run/task-level grouping: one group per canonical key (``name`` or ``name:agg``).
-    Distinct (name, agg) pairs can share one ("x:sum" and "x:sum:mean"); the group then keeps
-    the agg of its first value, as Trinity's does."""
-    name, agg = parse_metric_key(key)
-    return (name if agg is _MEAN else f"{name}:{agg.value}"), agg
 
 
 def _group(metric_dicts: Sequence[Mapping[str, Any]],
@@ -122,6 +88,8 @@ def _group_items(metric_dicts, spec) -> Groups:
                 if entry is None:
                     entry = groups[group] = (agg, [])
                 entry[1].append(float(value))
+            elif not isinstance(key, str):     # (a numeric value's key is checked by spec)
+                raise key_type_error(key)
     return groups
 
 
@@ -136,7 +104,7 @@ def _group_uniform(metric_dicts, spec) -> Groups | None:
         return None
     found = []
     for pos, ((group, agg), column) in enumerate(
-            zip(layout, zip(*[d.values() for d in metric_dicts]))):
+            zip(layout, zip(*[d.values() for d in metric_dicts], strict=False), strict=False)):
         if all(issubclass(t, _NUMERIC) for t in set(map(type, column))):
             found.append((0, pos, group, agg, list(map(float, column))))
             continue
@@ -179,7 +147,7 @@ def _summarize(groups: Groups, prefix: str, stats: Sequence[str] | None) -> dict
         elif stats is None:
             result[f"{p}{name}"] = computed[group][0]
         else:
-            for stat, value in zip(wanted, computed[group]):
+            for stat, value in zip(wanted, computed[group], strict=False):
                 result[f"{p}{name}/{stat}"] = value
     return result
 
@@ -195,7 +163,7 @@ def aggregate_metrics(metric_dicts: Sequence[Mapping[str, Any]], prefix: str = "
     if not metric_dicts:
         return {}
     stats = ("mean", "max", "min") if default_output_stats is None else default_output_stats
-    return _summarize(_group(metric_dicts, _by_name), prefix, stats)
+    return _summarize(_group(metric_dicts, batch_group), prefix, stats)
 
 
 def aggregate_eval_metrics(metric_dicts: Sequence[Mapping[str, Any]], prefix: str = "",
@@ -207,39 +175,7 @@ def aggregate_eval_metrics(metric_dicts: Sequence[Mapping[str, Any]], prefix: st
     if not metric_dicts:
         return {}
     stats = ("mean", "max", "min", "std") if output_stats is None else output_stats
-    return _summarize(_group(metric_dicts, _by_name), prefix, stats if detailed_stats else None)
-
-
-def _column_groups(columns: Mapping[str, Any]) -> Groups:
-    groups: Groups = {}
-    for key, column in columns.items():
-        values = np.asarray(column, dtype=np.float64).ravel().tolist()
-        if values:
-            group, agg = _by_name(key)
-            groups.setdefault(group, (agg, []))[1].extend(values)
-    return groups
-
-
-def aggregate_columns(columns: Mapping[str, Any], prefix: str = "",
-                      default_output_stats: Sequence[str] | None = None) -> dict[str, float]:
-    """:func:`aggregate_metrics` for metrics already held as columns (key -> one value per task,
-    e.g. from the status table), without building a dict per task.
-
-    Equals ``aggregate_metrics`` over the rows when no two keys share a group; keys that do
-    (``"a"`` and ``"a:mean"``) are concatenated in column order. Values are cast to float64
-    and NaN is a value like any other, not a gap.
-    """
-    stats = ("mean", "max", "min") if default_output_stats is None else default_output_stats
-    return _summarize(_column_groups(columns), prefix, stats)
-
-
-def aggregate_eval_columns(columns: Mapping[str, Any], prefix: str = "",
-                           output_stats: Sequence[str] | None = None,
-                           detailed_stats: bool = False) -> dict[str, float]:
-    """:func:`aggregate_eval_metrics` for columns, as :func:`aggregate_columns` is for
-    :func:`aggregate_metrics`."""
-    stats = ("mean", "max", "min", "std") if output_stats is None else output_stats
-    return _summarize(_column_groups(columns), prefix, stats if detailed_stats else None)
+    return _summarize(_group(metric_dicts, batch_group), prefix, stats if detailed_stats else None)
 
 
 def aggregate_run_level_metrics(metric_dicts: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -249,7 +185,7 @@ def aggregate_run_level_metrics(metric_dicts: Sequence[Mapping[str, Any]]) -> di
     if not metric_dicts:
         return {}
     return {key: sum(values) / len(values) if agg is _MEAN else _REDUCERS[agg](values)
-            for key, (agg, values) in _group(metric_dicts, _by_canonical).items()}
+            for key, (agg, values) in _group(metric_dicts, run_group).items()}
 
 
 def _subset_sizes(n: int) -> list[int]:
@@ -287,7 +223,7 @@ def _pass_at(matrix: np.ndarray) -> list[list[float] | None]:
     ones = matrix.sum(axis=1).tolist()
     sizes = _subset_sizes(n)
     return [[1.0 - math.comb(n - int(c), s) / math.comb(n, s) for s in sizes] if b else None
-            for b, c in zip(binary, ones)]
+            for b, c in zip(binary, ones, strict=False)]
 
 
 @functools.lru_cache(maxsize=16)  # ~8 * 1000 * 2n bytes each: 16 MiB for n = 1024
@@ -401,10 +337,10 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
     if not is_eval:
         return aggregate_run_level_metrics(metrics)
 
-    groups = _group(metrics, _by_canonical)
+    groups = _group(metrics, run_group)
     rows: dict[int, list[str]] = {}      # run count -> the mean keys with that many values
     for key, (agg, values) in groups.items():
-        if agg is _MEAN and not _is_time_key(key):
+        if agg is _MEAN and not is_time_key(key):
             rows.setdefault(len(values), []).append(key)
     per_key: dict[str, list[tuple[str, float]]] = {}
     if rows:    # (entering errstate costs more than the rest when there is nothing to do)
@@ -427,16 +363,3 @@ def calculate_task_level_metrics(metrics: Sequence[Mapping[str, Any]], is_eval: 
             result[key] = sum(values) / len(values)
     return result
 
-
-@functools.lru_cache(maxsize=8192)
-def _single_plan(key: str) -> tuple[str, bool, bool]:
-    """For ``single_run_metrics`` (native/tally.pyx): the key's group, whether its one value
-    is summed (a mean or a sum) and whether an eval task may reduce it alone (it is not a
-    mean, or is a time)."""
-    group, agg = _by_canonical(key)
-    return group, agg is _MEAN or agg is _SUM, agg is not _MEAN or _is_time_key(group)
-
-
-def _is_time_key(canonical: str) -> bool:
-    name = parse_metric_key(canonical)[0]  # as Trinity: the name parsed again from the key
-    return _TIME_KEYS[0] in name or _TIME_KEYS[1] in name
