@@ -5,7 +5,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from ..config import config_error
 from ..errors import ConfigError
+from ..task import Task
+from ..workflow import Workflow
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -16,17 +19,29 @@ STRUCT = dict(kw_only=True, forbid_unknown_fields=True)
 def read_args(struct: type[S], args: Any, where: str, task: Any) -> S:
     """``args`` (a dict) as ``struct``; a ConfigError naming the task and the key otherwise,
     e.g. ``task 3 of batch 0: workflow_args.max_turns: Expected `int` >= 1, got 0``."""
+    data = args if args is not None else {}
     try:
-        return msgspec.convert(args if args is not None else {}, struct)
+        return msgspec.convert(data, struct)
     except msgspec.ValidationError as exc:
-        message, _, path = str(exc).partition(" - at `$")
-        path = path.rstrip("`")
-        if message.startswith("Object contains unknown field `"):
-            path = f"{path}.{message.split('`')[1]}"
-            known = ", ".join(f.name for f in msgspec.structs.fields(struct))
-            message = f"unknown key (known keys: {known})"
-        elif message.startswith("Object missing required field `"):
-            path = f"{path}.{message.split('`')[1]}"
-            message = "required key is missing"
-        raise ConfigError(f"task {task.task_id} of batch {task.batch_id}: {where}{path}: "
-                          f"{message}") from None
+        error = str(config_error(exc, data, struct)).removeprefix("<top level>")
+        sep = "" if error.startswith(":") else "."
+        raise ConfigError(f"task {task.task_id} of batch {task.batch_id}: {where}{sep}{error}"
+                          ) from None
+
+
+class ArgsWorkflow(Workflow):
+    """A workflow that reads its typed arguments from its task (``_read``), when built and at
+    every ``reset``: a bad argument fails the task that carries it."""
+
+    can_reset = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._read(self.task)
+
+    def reset(self, task: Task) -> None:
+        super().reset(task)
+        self._read(task)
+
+    def _read(self, task: Task) -> None:
+        """Set the workflow's arguments from ``task`` (raising ConfigError for bad ones)."""

@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from ..errors import ConfigError
-from ..workflow import Workflow
-from .args import STRUCT, read_args
+from .args import STRUCT, ArgsWorkflow, read_args
 from .registry import WORKFLOWS
 from .rewards import BOXED_SCORE, UNBOXED_SCORE, math_reward, math_reward_async
 
@@ -52,17 +51,8 @@ class MathRewardArgs(msgspec.Struct, **STRUCT):
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
-class _MathBase(Workflow):
+class _MathBase(ArgsWorkflow):
     can_repeat = True
-    can_reset = True
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._read(self.task)
-
-    def reset(self, task: Task) -> None:
-        super().reset(task)
-        self._read(task)
 
     def _read(self, task: Task) -> None:
         if task.reward_fn is not None:

@@ -42,8 +42,7 @@ import numpy as np
 
 from ..errors import FastRolloutError
 from ..experience.model import Experience
-from ..workflow import Workflow
-from .args import STRUCT, read_args
+from .args import STRUCT, ArgsWorkflow, read_args
 from .env import ENVS, Env, call_env, check_observation, check_step, make_env
 from .registry import WORKFLOWS
 
@@ -68,18 +67,9 @@ class MultiTurnArgs(msgspec.Struct, **STRUCT):
 
 
 @WORKFLOWS.register("multi_turn_env")
-class MultiTurnEnvWorkflow(Workflow):
+class MultiTurnEnvWorkflow(ArgsWorkflow):
     can_repeat = True
-    can_reset = True
     is_async = True
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._read(self.task)
-
-    def reset(self, task: Task) -> None:
-        super().reset(task)
-        self._read(task)
 
     def _read(self, task: Task) -> None:
         self.args = read_args(MultiTurnArgs, task.workflow_args, "workflow_args", task)
