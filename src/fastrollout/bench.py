@@ -53,6 +53,7 @@ from .errors import ConfigError
 from .job import OpenAIEngines, SimulatedEngines, VLLMEngines, build_engines
 from .lengths import Fixed, LengthSpec, parse_length
 from .meter import MeteredEngine
+from .progress import format_value
 from .task import GenerationConfig, Task
 from .workflow import Workflow
 
@@ -469,7 +470,7 @@ def render(report: dict[str, Any]) -> str:
     rows = [head]
 
     def add(label: str, value: Any, theirs: Any = None) -> None:
-        rows.append([label, _fmt(value)] + ([_fmt(theirs)] if other else []))
+        rows.append([label, format_value(value)] + ([format_value(theirs)] if other else []))
 
     add("tasks finished", f"{report['finished_tasks']}/{report['tasks']}",
         f"{other['finished_tasks']}/{other['tasks']}" if other else None)
@@ -498,11 +499,3 @@ def render(report: dict[str, Any]) -> str:
                          f"{run['output_tokens_per_s']:>10,.0f}  "
                          f"{run['engine_utilization']:>5.2f}")
     return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
-    return str(value)

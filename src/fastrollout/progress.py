@@ -40,7 +40,8 @@ def step_row(step: int, result: dict, submitted: int, seconds: float, tokens: in
     return row
 
 
-def _cell(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A table cell: '-' for none, thousands grouped, else three significant digits."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -77,14 +78,14 @@ class PlainDisplay(Display):
         print(text, file=self.out, flush=True)
 
     def batch_finished(self, label: str, row: dict) -> None:
-        extra = "".join(f", {k} {_cell(row[k])}" for k in _METRICS if row[k] is not None)
+        extra = "".join(f", {k} {format_value(row[k])}" for k in _METRICS if row[k] is not None)
         self.message(f"{label}: {row['tasks']} tasks in {row['seconds']:.2f} s, "
                      f"{row['tok/s']:,.0f} tok/s{extra}")
 
     def table(self, rows: list[dict]) -> None:
         if not rows:
             return
-        cells = [[_cell(row[c]) for c in COLUMNS] for row in rows]
+        cells = [[format_value(row[c]) for c in COLUMNS] for row in rows]
         widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(COLUMNS)]
         for line in ([*COLUMNS], *cells):
             self.message("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)))
@@ -144,8 +145,8 @@ class RichDisplay(Display):
         if self._refresher is not None:
             self._refresher.cancel()
             self._refresher = None
-        self.progress.update(self._task_id, completed=row["finished"], tps=_cell(row["tok/s"]),
-                             running=0)
+        self.progress.update(self._task_id, completed=row["finished"],
+                             tps=format_value(row["tok/s"]), running=0)
         self.progress.stop_task(self._task_id)
         self.progress.refresh()
 
@@ -158,7 +159,7 @@ class RichDisplay(Display):
         for column in COLUMNS:
             table.add_column(column, justify="left" if column == "batch" else "right")
         for row in rows:
-            table.add_row(*(_cell(row[c]) for c in COLUMNS))
+            table.add_row(*(format_value(row[c]) for c in COLUMNS))
         self.progress.console.print(table)
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._native.pack import check as check_experiences
 from .engines.client import ModelClient
 from .errors import EngineDeadError
+from .metric_keys import key_type_error
 from .metrics import aggregate_run_level_metrics
 from .operators import VersionSpan
 from .task import Task
@@ -246,7 +247,7 @@ def _run_metrics(metrics: dict, elapsed: float) -> dict:
     Keys must be strings: they become metric names."""
     for key in metrics:
         if type(key) is not str:
-            raise TypeError(f"metric key {key!r} ({type(key).__name__}) is not a str")
+            raise key_type_error(key)
     return {**metrics, "time/run_execution": elapsed}
 
 

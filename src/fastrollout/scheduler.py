@@ -271,7 +271,7 @@ class Scheduler:
         worker is where it goes (ties between engines favour it, so a busy worker goes on
         without a new asyncio task), else None (the worker then reports itself idle)."""
         record = sub.record
-        sub.worker = None
+        sub.worker = None       # _unassign, written out: this runs once per sub-task
         record.batch.running.discard(sub)
         if not record.is_eval:
             self.train_time += outcome.elapsed
