@@ -23,6 +23,7 @@ from .config import _PARSERS, Config, config_error
 from .errors import ConfigError
 from .lengths import LengthSpec, Uniform
 from .tasksets import TasksetConfig
+from .tinymodel import TINY_ENGINE_ARGS, TINY_ENV
 
 __all__ = ["DEFAULT_YAML", "JobConfig", "EvalTasksetConfig", "VLLMEngines", "OpenAIEngines",
            "SimulatedEngines", "ArithmeticData", "load_job", "build_engines", "TINY"]
@@ -67,12 +68,6 @@ coordinator:               # fastrollout.Config: explorer, pipeline, monitor, we
     path: "{run}/experiences"
 """
 
-# What the tiny model runs with, beneath the config's own engine_args / env: it is small,
-# float32 (the CPU build's kernels), and needs no hub and no vLLM plugin (a plugin installed
-# without its dependencies, as Trinity-RFT's is by `make test`, would fail the default job).
-TINY_ENGINE_ARGS = {"max_model_len": 512, "enforce_eager": True, "dtype": "float32",
-                    "kv_cache_memory_bytes": 128 << 20, "seed": 0}
-TINY_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_PLUGINS": ""}
 
 _Struct = dict(kw_only=True, forbid_unknown_fields=True)
 _Backend = dict(kw_only=True, forbid_unknown_fields=True, tag_field="backend")

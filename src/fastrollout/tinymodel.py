@@ -26,6 +26,15 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25.
 """
 
 
+# What the tiny model runs with on vLLM, beneath a caller's own engine args and environment:
+# it is small, float32 (the CPU build's kernels), and needs no hub and no vLLM plugin (a
+# plugin installed without its dependencies, as Trinity-RFT's is by `make test`, would fail
+# the engine's start).
+TINY_ENGINE_ARGS = {"max_model_len": 512, "enforce_eager": True, "dtype": "float32",
+                    "kv_cache_memory_bytes": 128 << 20, "seed": 0}
+TINY_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_PLUGINS": ""}
+
+
 def build_tiny_model(path: str | os.PathLike, *, seed: int = 0, vocab_size: int = 512) -> Path:
     """Write a tiny Llama model and its tokenizer to ``path``; returns the folder."""
     import torch

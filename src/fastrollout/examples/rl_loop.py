@@ -115,16 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=4)
     args = parser.parse_args(argv)
-    from ..tinymodel import cached_tiny_model
+    from ..tinymodel import TINY_ENGINE_ARGS, TINY_ENV, cached_tiny_model
 
     model = args.model or cached_tiny_model()
-    cpu = {"max_model_len": 512, "enforce_eager": True, "dtype": "float32",
-           "kv_cache_memory_bytes": 256 << 20, "seed": 0}
     with tempfile.TemporaryDirectory() as scratch:
         output = args.output or scratch
         import uvloop
         uvloop.run(rl_loop(model, output, steps=args.steps, tasks_per_step=args.tasks,
-                           repeat=args.repeat, engine_args=None if args.model else cpu))
+                           repeat=args.repeat,
+                           engine_args=None if args.model else TINY_ENGINE_ARGS,
+                           engine_env=None if args.model else TINY_ENV))
     gc.collect()    # vLLM's engine objects go now, not at interpreter exit (when they fail)
     return 0
 
