@@ -4,7 +4,8 @@ durable log and back, beside Trinity-RFT 0.6.0's file buffer. Run:
         --benchmark-columns=min,median,mean,ops
 
 - durable write: ``DurableLogSink.write`` of the batch as the pipeline hands it over
-  (an ExperienceBatch): FRXP encode, CRC32, one ``pwritev``, ``fdatasync``.
+  (an ExperienceBatch): FRXP encode (views of its columns, no copy), CRC32, ``pwritev`` of
+  the pieces, ``fdatasync``.
 - durable read: a ``DurableLogReader`` in the same process reads the record back (from the
   page cache), checks its CRC32 and decodes it.
 - Trinity: ``FileStorage.write`` (what its ``JSONWriter``, the FILE experience buffer,

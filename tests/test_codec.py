@@ -19,7 +19,9 @@ from fastrollout.experience import (
     encode_experiences,
 )
 from fastrollout.experience.batch import ArrayColumn, WireEID, WireItem
+from fastrollout.experience.codec import encode_parts
 from fastrollout.experience.model import ARRAY_FIELDS, FIELD_DTYPES, FIELDS, META_FIELDS, as_array
+from fastrollout.operators import take
 from fuzzing import mutated
 from test_plain_pickle import decode_isolated
 
@@ -363,6 +365,50 @@ def test_encode_writes_the_same_bytes_from_a_batch():
     payload = encode_experiences(exps)
     assert encode_experiences(ExperienceBatch.from_experiences(exps)) == payload
     assert encode_experiences(decode_experiences(payload)) == payload   # no Experience built
+
+
+def _with_returns(exps, alias):
+    """A batch of ``exps`` whose ``returns`` hold the ``advantages`` values: the same column
+    object (``alias``, as GRPO sets them) or an equal copy."""
+    batch = ExperienceBatch.from_experiences(exps)
+    adv = batch.columns["advantages"]
+    batch.columns["returns"] = adv if alias else ArrayColumn(adv.data.copy(), adv.starts,
+                                                             adv.stops)
+    return batch
+
+
+def test_a_column_under_two_names_is_written_once_and_decodes_as_one():
+    exps = [Experience(tokens=[1, 2, 3 + i], prompt_length=1, reward=0.5 * i,
+                       advantages=np.full(2 + i % 2, 0.25 * i, np.float32)) for i in range(5)]
+    shared, copied = _with_returns(exps, True), _with_returns(exps, False)
+    payload, plain = encode_experiences(shared), encode_experiences(copied)
+    adv = shared.columns["advantages"]
+    saved = adv.data.nbytes + (len(adv) + 1) * 8     # values and item offsets, 8-aligned
+    assert len(plain) - len(payload) == saved + (-adv.data.nbytes % 8)
+    back = decode_experiences(payload)
+    assert back.columns["returns"] is back.columns["advantages"]
+    assert_same_batch(back, decode_experiences(plain))  # what a reader gets is unchanged
+    for exp in back:
+        assert np.array_equal(exp.returns, exp.advantages)
+    assert encode_experiences(back) == payload          # a re-encoded log keeps the alias
+
+
+def test_encode_parts_view_the_columns_and_join_to_the_payload():
+    batch = decode_experiences(encode_experiences(_mixed_experiences()))
+    rows = ExperienceBatch.concat([batch, batch])
+    picked = take(rows, np.array([0, 1, 5, 6, 7, 8, 9]))  # two runs of rows in one buffer
+    parts = encode_parts(picked)
+    assert b"".join(parts) == encode_experiences(picked)
+    tokens = picked.columns["tokens"].data
+    assert sum(isinstance(p, np.ndarray) and np.shares_memory(p, tokens) for p in parts) == 2
+    assert_same_batch(decode_experiences(b"".join(parts)), reference_batch(
+        [rows[i] for i in (0, 1, 5, 6, 7, 8, 9)]))
+    # A column over a strided or big-endian array is written as one little-endian run.
+    data = np.arange(40, dtype=np.int32)
+    for values in (data[::2], data[::2].astype(">i4")):
+        picked.columns["tokens"] = ArrayColumn(values, np.arange(0, 14, 2), np.arange(2, 16, 2))
+        back = decode_experiences(b"".join(encode_parts(picked)))
+        assert [e.tokens.tolist() for e in back] == [[4 * i, 4 * i + 2] for i in range(7)]
 
 
 @pytest.mark.parametrize("value, match", [

@@ -123,6 +123,27 @@ def test_concat_copies_once_into_contiguous_columns():
     assert ExperienceBatch.concat([a]) is a and len(ExperienceBatch.concat([])) == 0
 
 
+def test_segments_are_runs_of_items_stored_end_to_end():
+    data = np.arange(20, dtype=np.int32)
+    col = ArrayColumn(data, np.array([0, 2, 5, 9, 9, 12]), np.array([2, 5, 7, 9, 12, 15]))
+    runs = col.segments()       # items 0-2 adjoin, item 3 is empty and 3-5 adjoin
+    assert [r.tolist() for r in runs] == [list(range(0, 7)), list(range(9, 15))]
+    assert all(np.shares_memory(r, data) for r in runs)
+    assert col.flat().tolist() == [v for i in range(6) for v in col[i].tolist()]
+    whole = ArrayColumn.from_offsets(data, np.array([0, 4, 4, 20]))
+    assert len(whole.segments()) == 1 and whole.flat().base is data
+    empty = ArrayColumn(data, np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert empty.segments()[0].size == 0 and empty.flat().size == 0
+
+
+def test_concat_keeps_a_column_under_two_names_as_one():
+    a = ExperienceBatch.from_experiences([make(0, advantages=[1, 2, 3, 4])])
+    a.columns["returns"] = a.columns["advantages"]
+    both = ExperienceBatch.concat([a, a])
+    assert both.column("returns") is both.column("advantages")
+    assert both[1].returns.tolist() == [1, 2, 3, 4]
+
+
 def test_to_padded_matches_trinity_layout():
     single = make(0, n_prompt=2, n_resp=3)
     multi = make(1, n_prompt=4, n_resp=2, action_mask=[0, 1])

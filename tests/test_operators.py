@@ -52,6 +52,13 @@ def test_grpo_advantages_match_a_direct_computation():
     assert metrics["experience_pipeline/filtered_count"] == 0.0
 
 
+def test_grpo_returns_stay_the_advantages_column_through_filters():
+    # One column under both names: the codec writes it once (test_codec).
+    batch, _ = run_operators(_batch([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]),
+                             [GRPOConfig(), DynamicFilterConfig()], None)
+    assert len(batch) == 4 and batch.column("returns") is batch.column("advantages")
+
+
 def test_grpo_without_std_normalization_and_with_an_action_mask():
     mask = lambda n: np.arange(n) % 2 == 0   # noqa: E731 -- model tokens at even positions
     batch, _ = run_operators(_batch([[1.0, 0.0]], mask=mask), [GRPOConfig(norm_std=False)], None)

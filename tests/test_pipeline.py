@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from fastrollout import Config, ConfigError, Experience, FastRolloutError
+from fastrollout import EID, Config, ConfigError, Experience, FastRolloutError
 from fastrollout.errors import PipelineFullError
 from fastrollout.pipeline import CHUNK, ExperiencePipeline
 
@@ -30,6 +30,22 @@ async def test_staged_experiences_come_out_in_order_across_chunks():
     assert len(batch) == staged
     assert [e.reward for e in batch.to_experiences()] == [float(i) for i in range(len(batch))]
     assert p.take(7) is None
+
+
+async def test_operators_see_every_staged_experience_in_order():
+    p = pipeline(operators=[{"type": "grpo", "norm_std": False}])
+    staged = 0
+    while staged < CHUNK + 20:                    # more than a chunk, packed at commit
+        task = exps(10, staged)
+        for run, exp in enumerate(task):
+            exp.eid = EID(batch=7, task=staged // 10, run=run)
+        p.stage(7, task)
+        staged += 10
+    await p.commit(7)
+    batch = p.take(7)
+    assert [e.reward for e in batch.to_experiences()] == [float(i) for i in range(staged)]
+    for i, exp in enumerate(batch):     # tasks of 10 consecutive rewards: 4.5 above the first
+        assert exp.advantages.tolist() == [i % 10 - 4.5] * 2
 
 
 async def test_discarded_batches_leave_nothing():
@@ -132,6 +148,7 @@ async def test_durable_sink_has_the_batch_on_disk_when_commit_returns(tmp_path):
         batch = record.batch()
         assert record.batch_id == 3 and len(batch) == 4
         assert batch.column("advantages") is not None
+        assert batch.column("returns") is batch.column("advantages")    # written once
     p.close()
 
 

@@ -26,7 +26,15 @@ from fastrollout.errors import (
     SinkClosedError,
 )
 from fastrollout.experience import ExperienceBatch
-from fastrollout.sinks import DurableLogReader, DurableLogSink, LogRecord, MemorySink, StreamSink
+from fastrollout.operators import take
+from fastrollout.sinks import (
+    DurableLogReader,
+    DurableLogSink,
+    LogRecord,
+    MemorySink,
+    StreamSink,
+    durable,
+)
 from fastrollout.sinks.durable import HEADER
 
 
@@ -233,6 +241,19 @@ def test_durable_log_round_trip_across_segments(tmp_path):
     for i, record in enumerate(records):
         check_batch(i, record.batch())
     assert [r.batch_id for r in read_all(tmp_path, start=records[3].offset)] == ids[3:6] + [9]
+
+
+def test_a_record_in_more_pieces_than_one_pwritev_takes(tmp_path):
+    # Every other row of a batch: each row of a column is a piece of its own, passed to the
+    # kernel as is, and there are more pieces than one pwritev call accepts.
+    n = 2 * durable._IOV_MAX + 4
+    picked = take(numbered(0, n), np.arange(0, n, 2))
+    with DurableLogSink(tmp_path) as sink:
+        sink.write(1, [picked])
+    [record] = read_all(tmp_path)
+    back = record.batch()
+    assert rewards(back) == list(map(float, range(0, n, 2)))
+    assert [e.tokens.tolist() for e in back] == [list(range(i, i + 4)) for i in range(0, n, 2)]
 
 
 def test_a_reader_sees_records_written_after_it_reached_the_end(tmp_path):

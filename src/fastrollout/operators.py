@@ -10,7 +10,7 @@ Trinity does).
 - ``grpo``: group advantages (GRPO): per task, ``reward - mean``, divided by the group's
   sample std + ``epsilon`` unless ``norm_std`` is false, as Trinity's
   ``GRPOGroupedAdvantage``; broadcast over the response tokens where ``action_mask`` is
-  set; ``returns`` = ``advantages``.
+  set; ``returns`` is ``advantages`` (one column under both names).
 - ``dynamic_filter``: drop tasks whose rewards are all equal (DAPO's dynamic sampling).
 - ``reward_filter``: keep experiences with ``min <= reward <= max``.
 - ``length_filter``: keep experiences whose response length is within bounds.
@@ -20,6 +20,7 @@ Trinity does).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -41,9 +42,15 @@ def take(batch: ExperienceBatch, index: np.ndarray) -> ExperienceBatch:
     data: each column keeps its buffer and gets the rows' bounds."""
     if len(index) == len(batch) and (index == np.arange(len(batch))).all():
         return batch
-    columns = {name: ArrayColumn(col.data, col.starts[index], col.stops[index],
-                                 None if col.present is None else col.present[index])
-               for name, col in batch.columns.items()}
+    selected: dict[int, ArrayColumn] = {}     # by id(): a column under two names stays one
+    columns = {}
+    for name, col in batch.columns.items():
+        out = selected.get(id(col))
+        if out is None:
+            out = selected[id(col)] = ArrayColumn(
+                col.data, col.starts[index], col.stops[index],
+                None if col.present is None else col.present[index])
+        columns[name] = out
     present = None if batch.reward_present is None else batch.reward_present[index]
     return ExperienceBatch([batch.items[i] for i in index.tolist()], columns,
                            batch.rewards[index], present, batch.prompt_lengths[index])
@@ -56,6 +63,24 @@ def task_groups(batch: ExperienceBatch) -> tuple[np.ndarray, int]:
     groups = np.fromiter((numbers.setdefault((it.eid.batch, it.eid.task), len(numbers))
                           for it in batch.items), dtype=np.int64, count=len(batch))
     return groups, len(numbers)
+
+
+Grouping = Callable[[ExperienceBatch], tuple[np.ndarray, int]]
+
+
+def _shared_grouping() -> Grouping:
+    """``task_groups``, computed once for the operators of one run that see the same rows
+    (GRPO passes its batch on: the filter after it groups nothing again)."""
+    seen: list[tuple[list, tuple[np.ndarray, int]]] = []    # (items, groups); holds items
+
+    def groups(batch: ExperienceBatch) -> tuple[np.ndarray, int]:
+        for items, found in seen:
+            if items is batch.items:
+                return found
+        found = task_groups(batch)
+        seen.append((batch.items, found))
+        return found
+    return groups
 
 
 def _rewards(batch: ExperienceBatch, what: str) -> np.ndarray:
@@ -75,13 +100,14 @@ def _group_stats(rewards: np.ndarray, groups: np.ndarray, count: int
     return sizes, means, squares
 
 
-def grpo(batch: ExperienceBatch, config: GRPOConfig, **_: Any) -> tuple[ExperienceBatch, dict]:
+def grpo(batch: ExperienceBatch, config: GRPOConfig, *, grouping: Grouping = task_groups,
+         **_: Any) -> tuple[ExperienceBatch, dict]:
     """Group advantages as Trinity's ``GRPOGroupedAdvantage``: a task of one experience gets
     mean 0 and std 1 (its reward is its advantage)."""
     if not len(batch):
         return batch, {}
     rewards = _rewards(batch, "grpo")
-    groups, count = task_groups(batch)
+    groups, count = grouping(batch)
     sizes, means, squares = _group_stats(rewards, groups, count)
     single = sizes == 1
     std = np.sqrt(squares / np.maximum(sizes - 1, 1))     # sample std, as torch.std
@@ -106,21 +132,21 @@ def grpo(batch: ExperienceBatch, config: GRPOConfig, **_: Any) -> tuple[Experien
                 values[offsets[i]:offsets[i] + len(own)] *= own
     offsets = np.zeros(len(batch) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    column = ArrayColumn.from_offsets(values, offsets)
-    batch.columns["advantages"] = column
-    batch.columns["returns"] = ArrayColumn.from_offsets(values, offsets)
+    # One column for both: the codec writes a column held under two names once.
+    batch.columns["advantages"] = batch.columns["returns"] = \
+        ArrayColumn.from_offsets(values, offsets)
     per_group = [{"reward_mean": float(m), "reward_std": float(s)}
                  for m, s in zip(means.tolist(), std.tolist(), strict=True)]
     return batch, aggregate_metrics(per_group)
 
 
-def dynamic_filter(batch: ExperienceBatch, config: DynamicFilterConfig,
-                   **_: Any) -> tuple[ExperienceBatch, dict]:
+def dynamic_filter(batch: ExperienceBatch, config: DynamicFilterConfig, *,
+                   grouping: Grouping = task_groups, **_: Any) -> tuple[ExperienceBatch, dict]:
     """Drop the experiences of tasks whose rewards do not vary (no learning signal)."""
     if not len(batch):
         return batch, {"filtered_count": 0.0}
     rewards = _rewards(batch, "dynamic_filter")
-    groups, count = task_groups(batch)
+    groups, count = grouping(batch)
     sizes, _, squares = _group_stats(rewards, groups, count)
     pop_std = np.sqrt(squares / sizes)      # population std, as Trinity's RewardSTDFilter
     keep = pop_std[groups] > config.threshold
@@ -214,12 +240,14 @@ def run_operators(batch: ExperienceBatch, configs: list[OperatorConfig],
     """Run ``configs`` in order; metrics named ``experience_pipeline/<name>/...``."""
     metrics: dict[str, float] = {}
     filtered = 0.0
+    grouping = _shared_grouping()
     for config in configs:
         op = type(config).__struct_config__.tag
         name = METRIC_NAMES.get(op, op)
         start = time.perf_counter()
         count = len(batch)
-        batch, own = OPERATORS[op](batch, config, model_version=model_version)
+        batch, own = OPERATORS[op](batch, config, model_version=model_version,
+                                   grouping=grouping)
         filtered += own.get("filtered_count", 0.0)
         prefix = f"experience_pipeline/{name}/"
         metrics.update((prefix + key, value) for key, value in own.items())

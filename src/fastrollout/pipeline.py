@@ -1,13 +1,15 @@
 """The experience pipeline: from finished tasks to the trainer's sink.
 
-Experiences are staged as their tasks complete and packed into columnar chunks
-(``ExperienceBatch.from_experiences``: one copy of each array field, no codec) every
-``CHUNK`` experiences, so that closing a batch only packs the remainder. Trinity
-instead decodes every task's payload at finalize, which is where its finalize
-latency goes. At commit the configured operators run on the batch (``operators.py``:
-GRPO advantages, filters), its weight versions are reported, and it goes to the sink
-(``sinks/``). Without operators the chunks go as they are: the memory sink joins them
-only when the trainer takes the batch.
+Experiences are staged as their tasks complete. Without operators they are packed into
+columnar chunks (``ExperienceBatch.from_experiences``: one copy of each array field, no
+codec) every ``CHUNK`` experiences, so that closing a batch only packs the remainder, and
+the chunks go to the sink as they are (the memory sink joins them only when the trainer
+takes the batch). Trinity instead decodes every task's payload at finalize, which is where
+its finalize latency goes. The configured operators (``operators.py``: GRPO advantages,
+filters) need the batch as one: then it is packed once, at commit, which copies each array
+once where packing chunks and joining them copies it twice, and takes about as long at
+commit as that join did (``commit_ms_median`` in benchmarks/bench_pipeline.py). Then its
+weight versions are reported, and it goes to the sink (``sinks/``).
 
 Staged experiences belong to the pipeline: the packed batches keep their metadata
 (info, metrics, messages) by reference, so callers must not modify an experience after
@@ -64,7 +66,7 @@ class ExperiencePipeline:
         staging.pending.extend(experiences)
         if versions is not None:
             staging.versions = merge_versions(staging.versions, versions)
-        if len(staging.pending) >= CHUNK:
+        if len(staging.pending) >= CHUNK and not self.config.operators:
             staging.pack()
 
     def discard(self, batch_id: BatchId) -> None:

@@ -95,8 +95,13 @@ class ExperienceBatch(Sequence[Experience]):
             return cls([], {}, np.zeros(0), None, np.zeros(0, np.int64))
         items = [item for b in batches for item in b.items]
         names = [n for n in ARRAY_FIELDS if any(n in b.columns for b in batches)]
-        columns = {}
+        columns: dict[str, ArrayColumn] = {}
+        joined: dict[tuple[int, ...], ArrayColumn] = {}   # a column under two names stays one
         for name in names:
+            key = tuple(id(b.columns.get(name)) for b in batches)
+            if key in joined:
+                columns[name] = joined[key]
+                continue
             parts, lengths, present = [], [], []
             for b in batches:
                 col = b.columns.get(name)
@@ -113,8 +118,8 @@ class ExperienceBatch(Sequence[Experience]):
             offsets = np.zeros(len(items) + 1, dtype=np.int64)
             np.cumsum(np.concatenate(lengths), out=offsets[1:])
             mask = np.concatenate(present)
-            columns[name] = ArrayColumn.from_offsets(data, offsets,
-                                                     None if mask.all() else mask)
+            columns[name] = joined[key] = ArrayColumn.from_offsets(
+                data, offsets, None if mask.all() else mask)
         rewards = np.concatenate([b.rewards for b in batches])
         masks = [np.ones(len(b), np.bool_) if b.reward_present is None else b.reward_present
                  for b in batches]

@@ -6,8 +6,9 @@ Layout (all integers little-endian)::
 
 The header lists every column with its dtype and the byte offsets (relative to the
 body, each 8-aligned) of its data, of its int64 item offsets (n+1, array columns) and of
-its u8 presence flags (only when some item lacks the field). Decoding validates every
-length and offset against the payload with numpy, then returns views into it. The header
+its u8 presence flags (only when some item lacks the field); two columns may name the same
+bytes (one column held under two names, written once). Decoding validates every length and
+offset against the payload with numpy, then returns views into it. The header
 is scanned first (``plain_msgpack``) for what msgspec does not bound: nesting depth, map keys
 whose hashes could be made to collide, and extension types.
 """
@@ -113,15 +114,29 @@ def encode_experiences(exps: Iterable[Experience] | ExperienceBatch) -> bytes:
     """Serialize experiences (or an ExperienceBatch, without building Experience objects)
     into one FRXP payload. The columns are ``ExperienceBatch.from_experiences``'s."""
     batch = exps if isinstance(exps, ExperienceBatch) else ExperienceBatch.from_experiences(exps)
+    return b"".join(encode_parts(batch))
+
+
+def encode_parts(batch: ExperienceBatch) -> list[Any]:
+    """The FRXP payload of ``batch`` as buffers to write end to end (``b"".join`` of them is
+    ``encode_experiences(batch)``): the column values are views of the batch's arrays, so a
+    writer that takes a list of buffers (``os.pwritev``) copies nothing here.
+
+    A column object that is also another column (GRPO's ``returns`` is its ``advantages``)
+    is written once: both header entries name the same bytes, which any FRXP reader views
+    as two columns of equal values."""
     body: list[Any] = []
     size = 0
     columns: list[WireColumn] = []
+    written: dict[int, WireColumn] = {}     # by id() of the ArrayColumn
 
-    def put(buf: np.ndarray) -> int:
+    def put(bufs: list[np.ndarray]) -> int:
         nonlocal size
         at = size
-        body.append(buf)
-        size += buf.nbytes
+        for buf in bufs:
+            if buf.nbytes:
+                body.append(buf)
+                size += buf.nbytes
         if size % _ALIGN:
             pad = _ALIGN - size % _ALIGN
             body.append(b"\0" * pad)
@@ -129,24 +144,31 @@ def encode_experiences(exps: Iterable[Experience] | ExperienceBatch) -> bytes:
         return at
 
     def put_present(present: np.ndarray | None) -> int:
-        return -1 if present is None else put(present.view(np.uint8))
+        return -1 if present is None else put([present.view(np.uint8)])
 
     for name, col in batch.columns.items():
-        data = col.flat()
-        data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+        same = written.get(id(col))
+        if same is not None:
+            columns.append(WireColumn(name, same.dtype, same.data, same.nbytes, same.offsets,
+                                      same.present))
+            continue
+        dtype = col.dtype.newbyteorder("<")
+        data = [np.ascontiguousarray(part, dtype) for part in col.segments()]
         present = put_present(col.present)
-        columns.append(WireColumn(name, data.dtype.str, put(data), data.nbytes,
-                                  put(col.offsets()), present))
+        nbytes = sum(part.nbytes for part in data)
+        written[id(col)] = spec = WireColumn(name, dtype.str, put(data), nbytes,
+                                             put([col.offsets()]), present)
+        columns.append(spec)
     present = put_present(batch.reward_present)
     rewards = batch.rewards.astype("<f8", copy=False)
-    columns.append(WireColumn("reward", "<f8", put(rewards), rewards.nbytes, -1, present))
+    columns.append(WireColumn("reward", "<f8", put([rewards]), rewards.nbytes, -1, present))
     plens = batch.prompt_lengths.astype("<i8", copy=False)
-    columns.append(WireColumn("prompt_length", "<i8", put(plens), plens.nbytes, -1, -1))
+    columns.append(WireColumn("prompt_length", "<i8", put([plens]), plens.nbytes, -1, -1))
 
     header = _encoder.encode(WireHeader(len(batch), columns, batch.items))
     head = _PREFIX.pack(MAGIC, VERSION, b"\0\0\0", len(header))
     pad = -(len(head) + len(header)) % _ALIGN
-    return b"".join([head, header, b"\0" * pad, *body])
+    return [head, header, b"\0" * pad, *body]
 
 
 # ---------------------------------------------------------------- decode
@@ -254,14 +276,20 @@ def decode_experiences(payload: bytes | bytearray | memoryview, *,
     body = _PREFIX.size + hlen + (-(_PREFIX.size + hlen) % _ALIGN)
     columns: dict[str, ArrayColumn] = {}
     scalars: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    # Columns written once for two names (encode_parts) decode to one object, as encoded.
+    shared: dict[tuple[str, int, int, int, int], ArrayColumn] = {}
     for spec in header.columns:
         if spec.name in columns or spec.name in scalars:
             raise PayloadError(f"{ctx}: {spec.name}: column listed twice")
         data, offsets, present = _column(view, spec, n, body, end, ctx)
         if offsets is None:
             scalars[spec.name] = (data, present)
-        else:
-            columns[spec.name] = ArrayColumn.from_offsets(data, offsets, present)
+            continue
+        key = (spec.dtype, spec.data, spec.nbytes, spec.offsets, spec.present)
+        column = shared.get(key)
+        if column is None:
+            column = shared[key] = ArrayColumn.from_offsets(data, offsets, present)
+        columns[spec.name] = column
     if "tokens" not in columns or columns["tokens"].present is not None:
         raise PayloadError(f"{ctx}: tokens: every experience needs tokens")
     for name in _SCALARS:

@@ -47,12 +47,8 @@ class ArrayColumn:
 
     def flat(self) -> np.ndarray:
         """Every item's values end to end: a view when stored that way, else one copy."""
-        if len(self.starts) == 0:
-            return self.data[:0]
-        if self.is_contiguous():
-            return self.data[self.starts[0]:self.stops[-1]]
-        return np.concatenate([self.data[a:b] for a, b in zip(self.starts.tolist(),
-                                                              self.stops.tolist(), strict=True)])
+        parts = self.segments()
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def offsets(self) -> np.ndarray:
         """int64 offsets (len n+1) of each item in ``flat()``."""
@@ -61,8 +57,14 @@ class ArrayColumn:
         return out
 
     def segments(self) -> list[np.ndarray]:
-        """Views to copy from when concatenating: one per run of contiguous items."""
-        if self.is_contiguous():
-            return [self.flat()]
-        return [self.data[a:b]
-                for a, b in zip(self.starts.tolist(), self.stops.tolist(), strict=True)]
+        """``flat()`` as views, one per run of items stored end to end (rows selected
+        from a batch keep runs of whole tasks: a few views, not one per item)."""
+        n = len(self.starts)
+        if n == 0:
+            return [self.data[:0]]
+        breaks = np.flatnonzero(self.starts[1:] != self.stops[:-1]) + 1
+        if not len(breaks):
+            return [self.data[self.starts[0]:self.stops[-1]]]
+        firsts = self.starts[np.concatenate(([0], breaks))].tolist()
+        lasts = self.stops[np.concatenate((breaks - 1, [n - 1]))].tolist()
+        return [self.data[a:b] for a, b in zip(firsts, lasts, strict=True)]

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Self
 
 from ..errors import ConfigError, LogCorruptError, LogLockedError, PayloadError, SinkClosedError
-from ..experience import ExperienceBatch, decode_experiences, encode_experiences
+from ..experience import ExperienceBatch, decode_experiences
+from ..experience.codec import encode_parts
 from .base import BatchId, _positive, count
 
 MAGIC = b"FRLG"
@@ -47,6 +48,7 @@ _SEGMENT = re.compile(r"^(\d{20})\.frlog$")
 _READER_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 _ID_NONE, _ID_INT, _ID_STR = 0, 1, 2
 _sync = getattr(os, "fdatasync", os.fsync)
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16   # per pwritev
 
 
 def _pad8(n: int) -> int:
@@ -244,12 +246,17 @@ class DurableLogSink:
         kind, raw = _encode_id(batch_id)
         if not count(parts):
             return
-        payload = encode_experiences(ExperienceBatch.concat(parts))
+        # The payload stays in pieces (views of the batch's columns) until the kernel copies
+        # them: nothing of it is joined here.
+        payload = [memoryview(b).cast("B") for b in encode_parts(ExperienceBatch.concat(parts))]
         id_part = raw + b"\0" * _pad8(len(raw))
-        body_crc = zlib.crc32(payload, zlib.crc32(id_part))
-        head = _HEAD.pack(MAGIC, VERSION, kind, 0, len(raw), len(payload), body_crc)
+        body_crc = zlib.crc32(id_part)
+        for buf in payload:
+            body_crc = zlib.crc32(buf, body_crc)
+        payload_len = sum(map(len, payload))
+        head = _HEAD.pack(MAGIC, VERSION, kind, 0, len(raw), payload_len, body_crc)
         head += _HEAD_CRC.pack(zlib.crc32(head))
-        size = len(head) + len(id_part) + len(payload)
+        size = len(head) + len(id_part) + payload_len
         with self._mutex:
             if self._file is None:
                 raise SinkClosedError(f"DurableLogSink {self.folder} is closed; batch "
@@ -257,7 +264,7 @@ class DurableLogSink:
             try:
                 if self._pos and self._pos + size > self.segment_bytes:
                     self._new_segment(self._base + self._pos)
-                _pwrite_all(self._file.fileno(), [head, id_part, payload], self._pos)
+                _pwrite_all(self._file.fileno(), [head, id_part, *payload], self._pos)
                 _sync(self._file.fileno())
             except OSError as exc:
                 exc.add_note(f"writing batch {batch_id} at offset {self.end} of "
@@ -303,16 +310,17 @@ def _acquire(path: Path) -> io.FileIO:
     return lock
 
 
-def _pwrite_all(fd: int, buffers: list[bytes], at: int) -> None:
-    views = [memoryview(b) for b in buffers if len(b)]
-    while views:
-        done = os.pwritev(fd, views, at)
+def _pwrite_all(fd: int, buffers: list[bytes | memoryview], at: int) -> None:
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    first = 0
+    while first < len(views):
+        done = os.pwritev(fd, views[first:first + _IOV_MAX], at)
         at += done
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views.pop(0)
-        if views:
-            views[0] = views[0][done:]
+        while first < len(views) and done >= len(views[first]):
+            done -= len(views[first])
+            first += 1
+        if done:
+            views[first] = views[first][done:]
 
 
 class DurableLogReader:
