@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -75,9 +75,19 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 
 
-class VLLMEngines(msgspec.Struct, tag="vllm", **_Backend):
+class _Placed(msgspec.Struct, **_Struct):
+    """Where the engines run: ``local``, in this process; ``ray``, one Ray actor per engine
+    across the cluster (``fastrollout.engines.ray_launch``)."""
+
+    placement: Literal["local", "ray"] = "local"
+    cpus_per_engine: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    """ray: CPUs reserved for each engine actor."""
+
+
+class VLLMEngines(_Placed, tag="vllm", **_Backend):
     """``VLLMEngine.launch``: one engine per group of ``tensor_parallel_size`` GPUs, or
-    ``cpu_engines`` engines on the CPU build."""
+    ``cpu_engines`` engines on the CPU build. With ``placement: ray``, ``count`` actors of
+    ``gpus_per_engine`` GPUs each, one engine in each."""
 
     model: str = TINY
     gpus: PositiveInt | list[Annotated[int, msgspec.Meta(ge=0)]] | None = None
@@ -88,9 +98,15 @@ class VLLMEngines(msgspec.Struct, tag="vllm", **_Backend):
     """vLLM ``AsyncEngineArgs`` fields (``max_model_len``, ``dtype``, ...)."""
     env: dict[str, str] = {}
     """Environment variables the engines' processes see."""
+    count: PositiveInt | None = None
+    """ray: engine actors; null: as many as the cluster's GPUs hold (``cpu_engines`` on a
+    cluster without GPUs)."""
+    gpus_per_engine: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    """ray: GPUs per engine actor; null: ``tensor_parallel_size``, 0 on a cluster without
+    GPUs."""
 
 
-class OpenAIEngines(msgspec.Struct, tag="openai", **_Backend):
+class OpenAIEngines(_Placed, tag="openai", **_Backend):
     """OpenAI-compatible servers (vLLM, SGLang), one engine per URL."""
 
     base_url: str | list[str]
@@ -105,7 +121,7 @@ class OpenAIEngines(msgspec.Struct, tag="openai", **_Backend):
     request_timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
-class SimulatedEngines(msgspec.Struct, tag="simulated", **_Backend):
+class SimulatedEngines(_Placed, tag="simulated", **_Backend):
     """In-process ``SimulatedEngine``s with a latency model: answers take ``ttft`` plus
     ``tpot`` per further token, at most ``capacity`` sequences decode at once per engine."""
 
@@ -269,12 +285,22 @@ def _check(job: JobConfig) -> None:
             raise ConfigError(f"eval_tasksets[{i}].name: {taskset.name!r} is used twice")
     if job.taskset.is_eval:
         raise ConfigError("taskset.is_eval: the train taskset must not be an eval one")
+    engines = job.engines
+    if isinstance(engines, VLLMEngines) and engines.placement == "local":
+        for key in ("count", "gpus_per_engine"):
+            if getattr(engines, key) is not None:
+                raise ConfigError(f"engines.{key}: only with placement: ray (locally, gpus "
+                                  f"and tensor_parallel_size say how many engines)")
 
 
 # -- what a job's engines section builds ----------------------------------------------------
 
 def build_engines(spec: EnginesConfig) -> list[Any]:
     """The engines ``spec`` describes, not started yet (``prepare()`` starts them)."""
+    if spec.placement == "ray":
+        from .engines.ray_launch import launch_from_config
+
+        return list(launch_from_config(spec))
     if isinstance(spec, SimulatedEngines):
         from .engines import SimulatedEngine
 

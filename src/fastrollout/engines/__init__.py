@@ -1,7 +1,7 @@
 """Inference engines behind one interface, and the client workflows use.
 
-``VLLMEngine`` and ``OpenAIEngine`` load lazily, so that vLLM and aiohttp are
-imported only when used.
+``VLLMEngine``, ``OpenAIEngine`` and the Ray ones (``RayEngine``, ``launch_engine_actors``)
+load lazily, so that vLLM, aiohttp and Ray are imported only when used.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from .client import ModelClient
 from .simulated import OutputLength, SimulatedEngine
 
 __all__ = ["Completion", "InferenceModel", "ModelClient", "OpenAIEngine", "OutputLength",
-           "SimulatedEngine", "VLLMEngine"]
+           "RayEngine", "SimulatedEngine", "VLLMEngine", "launch_engine_actors"]
 
-_LAZY = {"VLLMEngine": ".vllm", "OpenAIEngine": ".openai"}
+_LAZY = {"VLLMEngine": ".vllm", "OpenAIEngine": ".openai", "RayEngine": ".ray_actor",
+         "launch_engine_actors": ".ray_launch"}
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY, globals())
@@ -23,4 +24,6 @@ __getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 if TYPE_CHECKING:
     from .openai import OpenAIEngine
+    from .ray_actor import RayEngine
+    from .ray_launch import launch_engine_actors
     from .vllm import VLLMEngine
