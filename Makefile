@@ -25,7 +25,7 @@ define install_vllm
 	    $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true)
 endef
 
-.PHONY: run test bench plots lint debug clean
+.PHONY: run test test-core test-trinity bench plots lint debug clean
 
 run: $(VENV)/.run
 	$(VENV)/bin/fastrollout run
@@ -35,8 +35,16 @@ plots: $(VENV)/.plots
 	$(VENV)/bin/fastrollout bench --tasks 512 --repeat 8 --concurrency 64 --seed 0 \
 	    --sweep concurrency=8,16,32,64,128,256 --plot benchmarks/plots
 
-test: $(VENV)/.test
+# Both suites: this environment's, then the Trinity drop-in's in its own (.venv-trinity:
+# Trinity-RFT 0.6.0 with the vLLM CPU build in Trinity's pinned range, fastrollout beside it).
+test: test-core test-trinity
+
+test-core: $(VENV)/.test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-trinity:
+	.ci/trinity-venv
+	.venv-trinity/bin/python -m pytest tests/trinity $(PYTEST_ARGS)
 
 bench: $(VENV)/.test
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,ops $(PYTEST_ARGS)
@@ -88,5 +96,5 @@ $(VENV)/.lint: $(VENV)/.venv pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/fastrollout/_native/*.so \
+	rm -rf $(VENV) .venv-trinity build src/*.egg-info src/fastrollout/_native/*.so \
 	    .pytest_cache .benchmarks .hypothesis .mypy_cache .ruff_cache

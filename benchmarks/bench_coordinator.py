@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import time
 import tracemalloc
 
 import numpy as np
 import pytest
 import uvloop
 
-from benchmarks.batches import timed_batch
+from benchmarks.batches import timed_batch, track_last_booking
 from benchmarks.trinity_coordinator import run_trinity_batches
 from fastrollout import Config, Experience, RolloutCoordinator, Task, Workflow
 from fastrollout.engines import SimulatedEngine
@@ -93,16 +92,7 @@ async def run_fastrollout_batch(num_tasks: int, repeat: int, *, slots: int = SLO
     config = Config.from_dict({"explorer": {"runner_per_model": slots}})
     coordinator = RolloutCoordinator(config, [SimulatedEngine()])
     await coordinator.prepare()
-    # "Task done" is when the coordinator books a finished task, as the Trinity side takes
-    # its scheduler's done-callback: the wake-up is measured from the last booking.
-    book = coordinator._task_finished
-    last_booked = [0.0]
-
-    def timed_book(state, record, status):
-        book(state, record, status)
-        last_booked[0] = time.perf_counter()
-
-    coordinator._task_finished = timed_book
+    last_booked = track_last_booking(coordinator)
     try:
         is_eval = batch_type == "eval"
         tasks = [Task(workflow=workflow, repeat_times=repeat, is_eval=is_eval)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 
 import pytest
 import ray
 import uvloop
 
-from benchmarks.batches import timed_batch
+from benchmarks.batches import timed_batch, track_last_booking
 from fastrollout import Config, RolloutCoordinator, Task, Workflow
 from fastrollout.engines import SimulatedEngine, launch_engine_actors
 
@@ -50,14 +49,7 @@ async def _one_batch(engine, batch_id: int) -> dict:
     coordinator = RolloutCoordinator(
         Config.from_dict({"explorer": {"runner_per_model": SLOTS}}), [engine])
     await coordinator.prepare()
-    book = coordinator._task_finished
-    last_booked = [0.0]
-
-    def timed_book(state, record, status):
-        book(state, record, status)
-        last_booked[0] = time.perf_counter()
-
-    coordinator._task_finished = timed_book
+    last_booked = track_last_booking(coordinator)
     try:
         tasks = [Task(workflow=_Sample, repeat_times=REPEAT) for _ in range(NUM_TASKS)]
         result, start, end = await timed_batch(coordinator, batch_id, tasks, "train")

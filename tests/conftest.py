@@ -14,6 +14,10 @@ import uvloop
 
 from tinymodel import tiny_model  # noqa: F401  (the fixture, for every test module)
 
+# tests/trinity/ runs in its own environment (Trinity-RFT 0.6.0 and its vLLM pin, made by
+# .ci/trinity-venv: `make test-trinity`); this suite's environment cannot import it.
+collect_ignore = ["trinity"]
+
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
