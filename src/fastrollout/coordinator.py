@@ -198,14 +198,21 @@ class RolloutCoordinator:
         if self.config.freeze_heap:
             _freeze_startup_heap()
         if mode != "serve":
-            explorer = self.config.explorer
             self._pool = WorkerPool()
-            runner = Runner(concurrent_mode=explorer.concurrent_mode, pool=self._pool)
-            self._scheduler = Scheduler(explorer, self.rollout_model, self.auxiliary_models,
-                                        runner, on_engines_dead=self._wake_all)
+            self._scheduler = Scheduler(self.config.explorer, self.rollout_model,
+                                        self.auxiliary_models, self._new_runner(self._pool),
+                                        on_engines_dead=self._wake_all)
         if mode != "bench":
-            self._pipeline = ExperiencePipeline(self.config.pipeline)
+            self._pipeline = self._new_pipeline()
         self._prepared = True
+
+    # What runs attempts and where finished experiences go: the Trinity facade
+    # (``compat/trinity``) runs Trinity's workflows and pipeline on this same coordinator.
+    def _new_runner(self, pool: WorkerPool) -> Runner:
+        return Runner(concurrent_mode=self.config.explorer.concurrent_mode, pool=pool)
+
+    def _new_pipeline(self) -> ExperiencePipeline:
+        return ExperiencePipeline(self.config.pipeline)
 
     async def shutdown(self) -> None:
         """Cancel all in-flight work (aborting its engine requests) within a bounded time.

@@ -17,12 +17,12 @@ from typing import Annotated, Any
 import msgspec
 import numpy as np
 
-from .._native.plain_pickle import load_plain
-from .._native.trxp_header import parse_header
-from ..errors import PayloadError, PayloadHeaderError, UnsafePickleError
-from ..experience.batch import ArrayColumn, ExperienceBatch, WireEID, WireItem
-from ..experience.codec import read_prefix, where
-from ..experience.model import ARRAY_FIELDS, FIELD_DTYPES, Experience, as_array
+from ..._native.plain_pickle import load_plain
+from ..._native.trxp_header import parse_header
+from ...errors import PayloadError, PayloadHeaderError, UnsafePickleError
+from ...experience.batch import ArrayColumn, ExperienceBatch, WireEID, WireItem
+from ...experience.codec import read_prefix, where
+from ...experience.model import ARRAY_FIELDS, FIELD_DTYPES, Experience, as_array
 
 MAGIC = b"TRXP"
 VERSION = 1
