@@ -329,6 +329,32 @@ def test_coordinator_actor_and_engine_actors_shut_down_cleanly():
         assert ray.util.placement_group_table(group)["state"] == "REMOVED"
 
 
+def test_a_coordinator_actor_restarts_a_dead_engine_and_its_slots_take_work_at_once():
+    (engine,) = launch(SimulatedEngine)
+    coordinator = RolloutCoordinator.get_actor(
+        Config.from_dict({"explorer": {"runner_per_model": 2, "max_retry_times": 0}}), [engine])
+    try:
+        ray.get(coordinator.prepare.remote(), timeout=60)
+        ray.kill(engine.actor, no_restart=True)
+        # The coordinator's copy of the engine sees the death: the only engine is dead.
+        ray.get(coordinator.submit_batch.remote(
+            batch_id=0, tasks=[Task(workflow=Sample)], batch_type="train"))
+        with pytest.raises(ray.exceptions.RayTaskError, match="rollout engines are dead"):
+            ray.get(coordinator.finalize_train_batch.remote(0, timeout=30), timeout=60)
+        with pytest.raises(ray.exceptions.RayTaskError, match="no rollout engine 1"):
+            ray.get(coordinator.restart_engine.remote(1), timeout=60)
+        ray.get(coordinator.restart_engine.remote(0), timeout=60)
+        ray.get(coordinator.submit_batch.remote(
+            batch_id=1, tasks=[Task(workflow=Sample) for _ in range(4)], batch_type="train"))
+        result = ray.get(coordinator.finalize_train_batch.remote(1, timeout=30), timeout=60)
+        assert result["finished_task_count"] == 4
+        assert len(ray.get(coordinator.take_experiences.remote(1))) == 4
+        ray.get(coordinator.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(coordinator)      # the restarted engine actor is the coordinator's: it goes too
+        uvloop.run(shut([engine]))
+
+
 # -- launching ---------------------------------------------------------------------------------
 
 def test_launch_names_what_the_cluster_lacks_and_reserves_nothing():

@@ -270,6 +270,23 @@ class RolloutCoordinator:
                            "%s", versions)
         return max(versions)
 
+    async def restart_engine(self, index: int) -> None:
+        """Restart rollout engine ``index`` (one with ``restart()``, as ``RayEngine``: a
+        fresh actor on the same resources) and give its slots work again at once. Where the
+        coordinator is a Ray actor, its copies of the engines live in it: restart them here."""
+        if not self._prepared:
+            raise RuntimeError(_NOT_PREPARED)
+        if not 0 <= index < len(self.rollout_model):
+            raise IndexError(f"restart_engine: no rollout engine {index} (there are "
+                             f"{len(self.rollout_model)})")
+        engine = self.rollout_model[index]
+        restart = getattr(engine, "restart", None)
+        if not callable(restart):
+            raise TypeError(f"rollout engine {index} ({type(engine).__name__}) has no restart()")
+        await restart()
+        if self._scheduler is not None:
+            self._scheduler.dead_error()    # revives the slots of engines alive again
+
     def _current_version(self) -> int | None:
         return self.model_version if self.rollout_model else None
 
