@@ -28,8 +28,11 @@ def stamped(tmp_path):
         path.touch()
         os.utime(path, (OLD, OLD))
     (tmp_path / ".venv").mkdir()
+    # Stamps just after the inputs and well before now: a file touched by a test is newer
+    # even within one tick of the kernel's coarse file clock.
     for stamp in (".venv", ".core"):
         (tmp_path / ".venv" / stamp).touch()
+        os.utime(tmp_path / ".venv" / stamp, (OLD + 10, OLD + 10))
     assert _make(tmp_path, "-q", ".venv/.core").returncode == 0
     return tmp_path
 
