@@ -25,7 +25,7 @@ define install_vllm
 	    $(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true)
 endef
 
-.PHONY: run test test-core test-trinity bench plots lint debug clean
+.PHONY: run test test-core test-trinity bench bench-trinity plots lint debug clean
 
 run: $(VENV)/.run
 	$(VENV)/bin/fastrollout run
@@ -48,6 +48,11 @@ test-trinity:
 
 bench: $(VENV)/.test
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,ops $(PYTEST_ARGS)
+
+# Trinity's Explorer step on its own coordinator and on the drop-in (Trinity's environment).
+bench-trinity:
+	.ci/trinity-venv
+	.venv-trinity/bin/python -m pytest benchmarks/trinity --benchmark-only $(PYTEST_ARGS)
 
 # Lint everything and type-check the public API (both configured in pyproject.toml); both
 # run, so that one pass reports every finding.

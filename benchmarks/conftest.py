@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+# benchmarks/trinity/ runs in the Trinity environment (.venv-trinity: make test-trinity builds
+# it), which this one cannot import.
+collect_ignore = ["trinity"]
+
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config):

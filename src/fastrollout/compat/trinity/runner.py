@@ -123,15 +123,20 @@ class TrinityRunner(Runner):
                         collect_partial: bool, keep: bool) -> Outcome:
         start = time.time()
         model = slot.model
+        # The weight version before the run is read while the run goes on: the read is sent
+        # first (the engine gets it before the run's requests), and the run does not wait the
+        # round trip for its answer.
+        before: asyncio.Future[int] | None = None
         try:
-            version = await model.model_version_async
-            slot.state["model_version"] = version
+            before = asyncio.ensure_future(_noted_version(
+                slot, model.model.get_model_version.remote()))
             if task.workflow.can_repeat:
                 completed, metrics, exps, error = await self._repeatable(
                     slot, task, repeat_times, run_id_base)
             else:
                 completed, metrics, exps, error = await self._runs(
                     slot, task, repeat_times, run_id_base, collect_partial)
+            version = await before
             version_after = await model.model_version_async
             slot.engine.model_version = version_after
             if completed > 0 and not exps:
@@ -141,6 +146,11 @@ class TrinityRunner(Runner):
         except BaseException:   # SystemExit and KeyboardInterrupt too: they are the task's
             return Outcome(0, repeat_times, [{"time/run_execution": time.time() - start}],
                            traceback.format_exc().rstrip(), [])
+        finally:
+            if before is not None and not before.done():
+                before.cancel()
+            elif before is not None and not before.cancelled():
+                before.exception()  # retrieved: a failed read is reported by the await above
         if not keep:
             return Outcome(completed, repeat_times, metrics, error, [])
         for exp in exps:
@@ -289,6 +299,14 @@ class TrinityRunner(Runner):
         for exp in exps:
             exp.eid.run = run_id_base + index
         return True, exps, metric, None
+
+
+async def _noted_version(slot: SlotModels, read: Any) -> int:
+    """The weight version ``read`` (an engine call) returns, noted in the slot's runner state
+    as Trinity's runner notes it when an attempt starts."""
+    version: int = await read
+    slot.state["model_version"] = version
+    return version
 
 
 def _made_and_run(make: Any) -> tuple[Any, list]:
