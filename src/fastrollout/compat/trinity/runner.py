@@ -185,6 +185,14 @@ class TrinityRunner(Runner):
         model = slot.model.clone_with_isolated_history() if self.enable_history else slot.model
         return task.to_workflow(model, slot.auxiliary)
 
+    async def _make_and_run(self, task: Any, make: Any) -> tuple[Any, list]:
+        """Build ``make()``'s workflow and run it: on the loop if it is async, else both in a
+        worker thread (a synchronous workflow's constructor may block too)."""
+        if task.workflow.is_async:
+            workflow = make()
+            return workflow, await workflow.run_async()
+        return await self._in_thread(lambda: _made_and_run(make))
+
     @staticmethod
     async def _begin(slot: SlotModels, workflow_id: str) -> float:
         start = time.time()
@@ -205,11 +213,7 @@ class TrinityRunner(Runner):
             workflow.set_repeat_times(repeat_times, run_id_base)
             return workflow
 
-        if task.workflow.is_async:
-            workflow = make()
-            exps = await workflow.run_async()
-        else:
-            workflow, exps = await self._in_thread(lambda: _made_and_run(make))
+        workflow, exps = await self._make_and_run(task, make)
         end = time.time()
         slot.state["terminate_time"] = end
         if workflow.can_reset:
@@ -280,11 +284,7 @@ class TrinityRunner(Runner):
         """One run; ``make()`` gives its workflow (``keep``: the slot may keep it for reuse)."""
         start = await self._begin(slot, f"{task.batch_id}/{task.task_id}/{index}")
         try:
-            if task.workflow.is_async:
-                workflow = make()
-                exps = await workflow.run_async()
-            else:
-                workflow, exps = await self._in_thread(lambda: _made_and_run(make))
+            workflow, exps = await self._make_and_run(task, make)
             end = time.time()
         except asyncio.CancelledError:
             raise
