@@ -20,19 +20,16 @@ import sqlite3
 import uuid
 
 import pytest
+import ray
+import torch
+from aiohttp import web
+from trinity.common.config import Config, InferenceModelConfig, StorageConfig
+from trinity.common.experience import Experience
+from trinity.common.models.model import InferenceModel, ModelWrapper
+from trinity.common.workflows import Task
+from trinity.common.workflows.workflow import Workflow
 
-ray = pytest.importorskip("ray")
-torch = pytest.importorskip("torch")
-pytest.importorskip("trinity.explorer.rollout_coordinator")
-
-from aiohttp import web  # noqa: E402
-from trinity.common.config import Config, InferenceModelConfig, StorageConfig  # noqa: E402
-from trinity.common.experience import Experience  # noqa: E402
-from trinity.common.models.model import InferenceModel, ModelWrapper  # noqa: E402
-from trinity.common.workflows import Task  # noqa: E402
-from trinity.common.workflows.workflow import Workflow  # noqa: E402
-
-from fastrollout.compat.trinity import RolloutCoordinator  # noqa: E402
+from fastrollout.compat.trinity import RolloutCoordinator
 
 NAMESPACE = "fastrollout-compat-test"
 ENV_KEY = "FASTROLLOUT_COMPAT_TEST"

@@ -17,9 +17,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-
-pytest.importorskip("trinity.explorer.explorer")
-
 import torch
 from explorer_harness import (
     explorer_config,
