@@ -120,6 +120,11 @@ class OpenAIEngines(_Placed, tag="openai", **_Backend):
     max_connections: PositiveInt = 256
     request_timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
+    @property
+    def urls(self) -> list[str]:
+        """``base_url`` as a list: one engine per URL."""
+        return [self.base_url] if isinstance(self.base_url, str) else list(self.base_url)
+
 
 class SimulatedEngines(_Placed, tag="simulated", **_Backend):
     """In-process ``SimulatedEngine``s with a latency model: answers take ``ttft`` plus
@@ -311,7 +316,6 @@ def build_engines(spec: EnginesConfig) -> list[Any]:
     if isinstance(spec, OpenAIEngines):
         from .engines import OpenAIEngine
 
-        urls = [spec.base_url] if isinstance(spec.base_url, str) else spec.base_url
         key = None
         if spec.api_key_env is not None:
             key = os.environ.get(spec.api_key_env)
@@ -320,7 +324,7 @@ def build_engines(spec: EnginesConfig) -> list[Any]:
                                   f"{spec.api_key_env!r} is not set")
         return [OpenAIEngine(url, spec.model, tokenizer=spec.tokenizer, api_key=key,
                              max_connections=spec.max_connections,
-                             request_timeout=spec.request_timeout) for url in urls]
+                             request_timeout=spec.request_timeout) for url in spec.urls]
     from .engines import VLLMEngine
 
     model, args, env = spec.model, dict(spec.engine_args), dict(spec.env)

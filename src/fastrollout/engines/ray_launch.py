@@ -80,8 +80,7 @@ def launch_from_config(spec: EnginesConfig) -> list[RayEngine]:
         specs = [msgspec.structs.replace(local, count=1, seed=spec.seed + i)
                  for i in range(spec.count)]
     elif isinstance(spec, OpenAIEngines):
-        urls = [spec.base_url] if isinstance(spec.base_url, str) else spec.base_url
-        specs = [msgspec.structs.replace(local, base_url=url) for url in urls]
+        specs = [msgspec.structs.replace(local, base_url=url) for url in spec.urls]
     else:
         if not ray.is_initialized():
             ray.init()
